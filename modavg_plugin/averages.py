@@ -1,0 +1,256 @@
+"""Moving averages of Gluon parameters: update maths, shadows, swap and state.
+
+The update maths are small pure functions (:func:`exponential_decay`,
+:func:`exponential_update`); :class:`MovingAverage` is the stateful object
+that owns one *shadow* per parameter and swaps it in and out of the network.
+
+Shadows live on the context of the parameter's first device copy (the GPU
+when training runs there) and are float32 for float16 parameters (float64
+stays float64). Integer parameters are copied, not averaged.
+"""
+
+import contextlib
+import logging
+import math
+from typing import Any, Dict, Iterable, Iterator, List, Mapping, Optional, Tuple
+
+import mxnet as mx
+import numpy as np
+
+from .parameters import NamedParameters, averaging_dtype, device_copies, is_floating, named_parameters, write_into_parameters
+from .registry import ConfigurationError, Registrable
+
+__all__ = [
+    "ExponentialMovingAverage",
+    "MovingAverage",
+    "check_exponential_arguments",
+    "exponential_decay",
+    "exponential_update",
+]
+
+logger = logging.getLogger("gluonts.modavg_plugin.averages")
+
+
+def exponential_decay(
+    decay: float, num_updates: Optional[int] = None, numerator: float = 1.0, denominator: float = 10.0
+) -> float:
+    """The decay of one EMA step: ``decay``, warmed up when ``num_updates`` is given.
+
+    With ``num_updates = n`` it is ``min(decay, (numerator + n) / (denominator + n))``
+    (TensorFlow / AllenNLP semantics), so early steps follow the weights closely.
+    """
+    if num_updates is None:
+        return decay
+    if isinstance(num_updates, bool) or not isinstance(num_updates, (int, np.integer)) or num_updates < 0:
+        raise ValueError(f"num_updates must be an integer >= 0 or None, got {num_updates!r}")
+    return min(decay, (numerator + num_updates) / (denominator + num_updates))
+
+
+def exponential_update(shadow: mx.nd.NDArray, value: mx.nd.NDArray, decay: float) -> None:
+    """In place: ``shadow = decay * shadow + (1 - decay) * value`` (integers: ``shadow = value``)."""
+    if not is_floating(shadow.dtype):
+        value.copyto(shadow)
+        return
+    if value.dtype != shadow.dtype or value.context != shadow.context:
+        value = value.as_in_context(shadow.context).astype(shadow.dtype, copy=False)
+    shadow *= decay
+    shadow += (1.0 - decay) * value
+
+
+def _check_unit_interval(name: str, value: float) -> None:
+    if isinstance(value, bool) or not (isinstance(value, (int, float)) and 0.0 <= value <= 1.0):
+        raise ConfigurationError(f"{name} must be a number in [0, 1], got {value!r}")
+
+
+def _check_finite(name: str, value: float, low: float, low_inclusive: bool) -> None:
+    ok = isinstance(value, (int, float)) and math.isfinite(value) and (value >= low if low_inclusive else value > low)
+    if not ok:
+        bound = f">= {low}" if low_inclusive else f"> {low}"
+        raise ConfigurationError(f"{name} must be a finite number {bound}, got {value!r}")
+
+
+def check_exponential_arguments(decay: float, numerator: float, denominator: float) -> None:
+    """Refuse, naming the argument and its range, values the EMA cannot use."""
+    _check_unit_interval("decay", decay)
+    _check_finite("numerator", numerator, 0.0, low_inclusive=True)
+    _check_finite("denominator", denominator, 0.0, low_inclusive=False)
+
+
+class MovingAverage(Registrable):
+    """Base of the moving averages: shadows, swap in/out, and state.
+
+    Parameters
+    ----------
+    parameters
+        ``(name, mx.gluon.Parameter)`` pairs, e.g. ``net.collect_params().items()``.
+        Every parameter must be initialised. Parameters with ``grad_req='null'``
+        (e.g. BatchNorm running statistics) are averaged like the others.
+    """
+
+    default_implementation = "exponential"
+
+    def __init__(self, parameters: Iterable[Tuple[str, mx.gluon.Parameter]]) -> None:
+        self._parameters: NamedParameters = named_parameters(parameters)
+        self._shadows: Dict[str, mx.nd.NDArray] = {
+            name: self._new_shadow(name, parameter) for name, parameter in self._parameters
+        }
+        self._backups: Dict[str, List[mx.nd.NDArray]] = {}
+        self._assigned = False
+        self.num_applied = 0
+
+    @staticmethod
+    def _new_shadow(name: str, parameter: mx.gluon.Parameter) -> mx.nd.NDArray:
+        first = device_copies(name, parameter)[0]
+        return first.astype(averaging_dtype(first.dtype), copy=True)
+
+    @property
+    def parameters(self) -> NamedParameters:
+        """The ``(name, Parameter)`` pairs this average tracks."""
+        return list(self._parameters)
+
+    @property
+    def shadows(self) -> Mapping[str, mx.nd.NDArray]:
+        """The current averages by parameter name (read them, do not write)."""
+        return dict(self._shadows)
+
+    @property
+    def is_assigned(self) -> bool:
+        """Whether the network currently holds the averages."""
+        return self._assigned
+
+    def apply(self, num_updates: Optional[int] = None) -> None:
+        """Update the shadows from the parameters' current values."""
+        raise NotImplementedError
+
+    def assign_average_value(self) -> None:
+        """Put the averages into every device copy, keeping the raw values.
+
+        A second call before :meth:`restore` changes nothing: the raw values
+        kept by the first call stay.
+        """
+        if self._assigned:
+            logger.debug("averages already assigned; keeping the raw values saved first")
+            return
+        for name, parameter in self._parameters:
+            copies = device_copies(name, parameter)
+            backups = self._backups.get(name)
+            if backups is None:
+                self._backups[name] = [copy.copy() for copy in copies]
+            else:
+                for copy, backup in zip(copies, backups):
+                    copy.copyto(backup)
+        write_into_parameters(self._shadows, self._parameters, "the moving average")
+        self._assigned = True
+
+    def restore(self) -> None:
+        """Put the raw values back after :meth:`assign_average_value` (no-op otherwise)."""
+        if not self._assigned:
+            return
+        for name, parameter in self._parameters:
+            for copy, backup in zip(device_copies(name, parameter), self._backups[name]):
+                backup.copyto(copy)
+        self._assigned = False
+
+    def keep_average_value(self) -> None:
+        """Leave the averages in the network for good (e.g. at the end of training)."""
+        self.assign_average_value()
+        self._assigned = False
+
+    @contextlib.contextmanager
+    def average_parameters(self) -> Iterator[None]:
+        """Context manager: averages in on entry, raw values back on exit (also on error)."""
+        was_assigned = self._assigned
+        self.assign_average_value()
+        try:
+            yield
+        finally:
+            if not was_assigned:
+                self.restore()
+
+    def state_dict(self) -> Dict[str, Any]:
+        """Plain data to resume from: shadows as NumPy arrays and the counters."""
+        return {
+            "type": type(self).__name__,
+            "num_applied": self.num_applied,
+            "shadows": {name: shadow.asnumpy() for name, shadow in self._shadows.items()},
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore :meth:`state_dict` into the parameters this object tracks.
+
+        Shadows are copied into the existing arrays: the object keeps
+        following the live parameters, never copies of them.
+        """
+        missing = {"num_applied", "shadows"} - set(state)
+        if missing:
+            raise KeyError(f"moving-average state has no {sorted(missing)[0]!r}")
+        shadows = state["shadows"]
+        unknown = sorted(set(shadows) - set(self._shadows))
+        if unknown:
+            raise KeyError(f"moving-average state has shadow {unknown[0]!r} for a parameter that is not tracked")
+        values = {name: mx.nd.array(np.asarray(_as_numpy(value))) for name, value in shadows.items()}
+        for name, shadow in self._shadows.items():
+            if name not in values:
+                raise KeyError(f"moving-average state has no shadow for parameter {name!r}")
+            if tuple(values[name].shape) != tuple(shadow.shape):
+                raise ValueError(
+                    f"moving-average state: shadow {name!r} has shape {tuple(values[name].shape)}, "
+                    f"the parameter has {tuple(shadow.shape)}"
+                )
+        for name, shadow in self._shadows.items():
+            values[name].copyto(shadow)
+        self.num_applied = int(state["num_applied"])
+
+
+def _as_numpy(value: Any) -> np.ndarray:
+    return value.asnumpy() if isinstance(value, mx.nd.NDArray) else np.asarray(value)
+
+
+@MovingAverage.register("exponential")
+class ExponentialMovingAverage(MovingAverage):
+    """Exponential moving average: ``shadow = d * shadow + (1 - d) * param``.
+
+    Parameters
+    ----------
+    parameters
+        ``(name, mx.gluon.Parameter)`` pairs, e.g. ``net.collect_params().items()``.
+    decay
+        The decay ``d`` in [0, 1]; 0.9999 averages over roughly the last
+        10,000 updates.
+    numerator, denominator
+        Warm-up when ``apply`` is given ``num_updates = n``:
+        ``d = min(decay, (numerator + n) / (denominator + n))``.
+
+    Examples
+    --------
+    >>> ema = ExponentialMovingAverage(net.collect_params().items(), decay=0.999)  # doctest: +SKIP
+    >>> trainer.step(batch_size); ema.apply()                                     # doctest: +SKIP
+    >>> with ema.average_parameters():                                            # doctest: +SKIP
+    ...     evaluate(net)
+    """
+
+    def __init__(
+        self,
+        parameters: Iterable[Tuple[str, mx.gluon.Parameter]],
+        decay: float = 0.9999,
+        numerator: float = 1.0,
+        denominator: float = 10.0,
+    ) -> None:
+        check_exponential_arguments(decay, numerator, denominator)
+        super().__init__(parameters)
+        self.decay = float(decay)
+        self.numerator = float(numerator)
+        self.denominator = float(denominator)
+
+    def apply(self, num_updates: Optional[int] = None) -> None:
+        """Move every shadow towards its parameter's current value.
+
+        Parameters
+        ----------
+        num_updates
+            The number of optimiser steps so far; enables the warm-up decay.
+        """
+        decay = exponential_decay(self.decay, num_updates, self.numerator, self.denominator)
+        for name, parameter in self._parameters:
+            exponential_update(self._shadows[name], device_copies(name, parameter)[0], decay)
+        self.num_applied += 1

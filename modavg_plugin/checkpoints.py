@@ -1,0 +1,237 @@
+"""Checkpoint I/O: epoch-info records, ``.params`` files, and a streaming average.
+
+Files are written to a temporary name in the same folder and renamed into
+place, so a reader never sees half a file. Averages are running weighted sums
+(float32 or wider) over checkpoints loaded one at a time: peak memory is about
+two model sizes whatever the number of checkpoints.
+"""
+
+import glob
+import json
+import logging
+import math
+import os
+import tempfile
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence
+
+import mxnet as mx
+import numpy as np
+
+from .parameters import averaging_dtype, is_floating
+
+__all__ = [
+    "AVERAGED_MODEL_NAME",
+    "EPOCH_INFO_SUFFIX",
+    "CheckpointError",
+    "WeightedSum",
+    "average_arrays",
+    "average_checkpoint_files",
+    "load_params",
+    "read_checkpoint_records",
+    "save_epoch_info",
+    "save_params",
+]
+
+logger = logging.getLogger("gluonts.modavg_plugin.checkpoints")
+
+EPOCH_INFO_SUFFIX = "-epoch-info.json"
+AVERAGED_MODEL_NAME = "averaged_model-0000.params"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint folder, record or file cannot be used; the message names it."""
+
+
+def write_atomically(path: str, write: Callable[[str], None]) -> None:
+    """Call ``write(temporary_path)`` then rename the result to ``path``."""
+    folder = os.path.dirname(os.path.abspath(path))
+    handle, temporary = tempfile.mkstemp(prefix=".tmp-", suffix="-" + os.path.basename(path), dir=folder)
+    os.close(handle)
+    try:
+        write(temporary)
+        with open(temporary, "rb") as written:
+            os.fsync(written.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        if os.path.exists(temporary):
+            os.remove(temporary)
+        raise
+
+
+def save_epoch_info(tmp_path: str, epoch_info: Mapping[str, Any]) -> None:
+    """Write ``epoch_info`` to ``f"{tmp_path}-epoch-info.json"`` atomically.
+
+    Parameters
+    ----------
+    tmp_path
+        Base path of the checkpoint, e.g. ``folder/epoch-0003``.
+    epoch_info
+        ``params_path`` (absolute, or relative to the folder), ``epoch_no``
+        and the metric values (``score`` by default).
+    """
+
+    def write(path: str) -> None:
+        with open(path, "w") as file:
+            json.dump(dict(epoch_info), file)
+
+    write_atomically(f"{tmp_path}{EPOCH_INFO_SUFFIX}", write)
+
+
+def save_params(path: str, arrays: Mapping[str, mx.nd.NDArray]) -> None:
+    """Save named arrays as a ``.params`` file (``mx.nd.save`` format), atomically."""
+    write_atomically(path, lambda temporary: mx.nd.save(temporary, dict(arrays)))
+
+
+def load_params(path: str) -> Dict[str, mx.nd.NDArray]:
+    """Load a ``.params`` file into CPU arrays; :class:`CheckpointError` naming it if unreadable."""
+    if not os.path.isfile(path):
+        raise CheckpointError(f"checkpoint file {path} does not exist")
+    try:
+        loaded = mx.nd.load(path)
+    except mx.base.MXNetError as error:
+        reason = str(error).strip().splitlines()[-1] if str(error).strip() else type(error).__name__
+        raise CheckpointError(f"checkpoint file {path} is not a readable .params file ({reason})") from None
+    if not isinstance(loaded, dict):
+        raise CheckpointError(f"checkpoint file {path} holds unnamed arrays; expected name -> array")
+    return loaded
+
+
+def read_checkpoint_records(folder: str) -> List[Dict[str, Any]]:
+    """Every readable ``*-epoch-info.json`` record in ``folder``.
+
+    ``params_path`` is resolved against the folder when relative; each record
+    also gets ``info_path``. Records that are not JSON objects are skipped with
+    a warning naming the file.
+    """
+    if not os.path.isdir(folder):
+        raise CheckpointError(f"checkpoint folder {folder} does not exist")
+    info_paths = sorted(glob.glob(os.path.join(glob.escape(folder), f"*{EPOCH_INFO_SUFFIX}")))
+    if not info_paths:
+        raise CheckpointError(f"no checkpoints (*{EPOCH_INFO_SUFFIX}) in folder {folder}")
+    records = [record for record in map(_read_epoch_info, info_paths) if record is not None]
+    if not records:
+        raise CheckpointError(f"none of the {len(info_paths)} epoch-info files in {folder} is readable")
+    return records
+
+
+def _read_epoch_info(info_path: str) -> Optional[Dict[str, Any]]:
+    try:
+        with open(info_path) as file:
+            record = json.load(file)
+    except (OSError, ValueError) as error:
+        logger.warning("skipping epoch info %s: %s", info_path, error)
+        return None
+    if not isinstance(record, dict) or not isinstance(record.get("params_path"), str):
+        logger.warning("skipping epoch info %s: not an object with a 'params_path' string", info_path)
+        return None
+    folder = os.path.dirname(info_path)
+    record["params_path"] = os.path.join(folder, record["params_path"])
+    record["info_path"] = info_path
+    return record
+
+
+def check_weights(weights: Sequence[float], count: int) -> List[float]:
+    """Weights as floats: one per item, finite, >= 0, with a positive sum."""
+    weights = [float(weight) for weight in weights]
+    if len(weights) != count:
+        raise ValueError(f"got {len(weights)} weights for {count} items to average")
+    if any(not math.isfinite(weight) or weight < 0 for weight in weights):
+        raise ValueError(f"weights must be finite and >= 0, got {weights}")
+    if count and sum(weights) <= 0:
+        raise ValueError(f"weights must have a positive sum, got {weights}")
+    return weights
+
+
+class WeightedSum:
+    """Running weighted sum of named arrays, kept in float32 or wider.
+
+    Floating arrays are summed; integer arrays are copied from the first
+    source added (the best-ranked checkpoint when sources come sorted).
+    """
+
+    def __init__(self) -> None:
+        self._sums: Dict[str, mx.nd.NDArray] = {}
+        self._dtypes: Dict[str, np.dtype] = {}
+        self._first_source = ""
+        self.total_weight = 0.0
+
+    def add(self, arrays: Mapping[str, mx.nd.NDArray], weight: float, source: str) -> None:
+        """Add ``weight * arrays``; keys and shapes must match the first source."""
+        if not self._sums:
+            self._start(arrays, weight, source)
+        else:
+            self._check_matches(arrays, source)
+            for name, total in self._sums.items():
+                if is_floating(self._dtypes[name]):
+                    total += weight * arrays[name].astype(total.dtype, copy=False)
+        self.total_weight += weight
+
+    def _start(self, arrays: Mapping[str, mx.nd.NDArray], weight: float, source: str) -> None:
+        self._first_source = source
+        for name, array in arrays.items():
+            self._dtypes[name] = np.dtype(array.dtype)
+            if is_floating(array.dtype):
+                self._sums[name] = weight * array.astype(averaging_dtype(array.dtype))
+            else:
+                self._sums[name] = array.copy()
+
+    def _check_matches(self, arrays: Mapping[str, mx.nd.NDArray], source: str) -> None:
+        missing = sorted(set(self._sums) - set(arrays))
+        extra = sorted(set(arrays) - set(self._sums))
+        if missing or extra:
+            key, where = (missing[0], f"missing from {source}") if missing else (extra[0], f"only in {source}")
+            raise CheckpointError(f"parameter {key!r} is {where}, not in {self._first_source}")
+        for name, total in self._sums.items():
+            if tuple(arrays[name].shape) != tuple(total.shape):
+                raise CheckpointError(
+                    f"parameter {name!r} has shape {tuple(arrays[name].shape)} in {source} "
+                    f"but {tuple(total.shape)} in {self._first_source}"
+                )
+
+    def average(self) -> Dict[str, mx.nd.NDArray]:
+        """The weighted mean, in each array's original dtype."""
+        if not self._sums:
+            raise ValueError("nothing to average: no arrays were added")
+        return {
+            name: (total / self.total_weight).astype(self._dtypes[name]) if is_floating(self._dtypes[name]) else total
+            for name, total in self._sums.items()
+        }
+
+
+def average_arrays(arrays: Sequence[mx.nd.NDArray], weights: Sequence[float]) -> mx.nd.NDArray:
+    """Element-wise weighted mean of same-shape arrays (weights are normalised)."""
+    if len(arrays) == 0:
+        raise ValueError("arrays is empty: nothing to average")
+    weights = check_weights(weights, len(arrays))
+    shapes = sorted({tuple(array.shape) for array in arrays})
+    if len(shapes) > 1:
+        raise ValueError(f"all arrays must have the same shape; found shapes {shapes}")
+    total = WeightedSum()
+    for index, (array, weight) in enumerate(zip(arrays, weights)):
+        total.add({"array": array}, weight, f"array {index}")
+    return total.average()["array"]
+
+
+def average_checkpoint_files(paths: Sequence[str], weights: Sequence[float]) -> Dict[str, mx.nd.NDArray]:
+    """Weighted mean of ``.params`` files, loading one at a time.
+
+    An unreadable file is skipped with a warning naming it, and the remaining
+    weights are renormalised; it is an error only when nothing is readable.
+    Differing keys or shapes between files are errors naming the key.
+    """
+    if len(paths) == 0:
+        raise CheckpointError("no checkpoint files to average")
+    weights = check_weights(weights, len(paths))
+    total = WeightedSum()
+    skipped: List[str] = []
+    for path, weight in zip(paths, weights):
+        try:
+            arrays = load_params(path)
+        except CheckpointError as error:
+            logger.warning("skipping %s", error)
+            skipped.append(path)
+            continue
+        total.add(arrays, weight, path)
+    if total.total_weight <= 0:
+        raise CheckpointError(f"no usable checkpoint among {len(paths)}: unreadable {', '.join(skipped)}")
+    return total.average()

@@ -1,0 +1,97 @@
+"""Reading and writing Gluon parameters in place, on every device copy.
+
+Nothing here calls ``Parameter.set_data``: with a trainer that updates on the
+kvstore (several devices, distributed) ``set_data`` resets the kvstore, which
+throws away optimiser state or raises. Values are copied into the arrays the
+parameter already owns instead.
+"""
+
+from typing import Dict, Iterable, List, Mapping, Tuple
+
+import mxnet as mx
+import numpy as np
+
+__all__ = [
+    "NamedParameters",
+    "averaging_dtype",
+    "check_compatible",
+    "device_copies",
+    "is_floating",
+    "named_parameters",
+    "write_into_parameters",
+]
+
+NamedParameters = List[Tuple[str, mx.gluon.Parameter]]
+
+
+def named_parameters(parameters: Iterable[Tuple[str, mx.gluon.Parameter]]) -> NamedParameters:
+    """Materialise ``(name, Parameter)`` pairs, refusing duplicates and uninitialised ones."""
+    pairs = list(parameters)
+    seen = set()
+    for pair in pairs:
+        if not (isinstance(pair, tuple) and len(pair) == 2 and isinstance(pair[1], mx.gluon.Parameter)):
+            raise TypeError(
+                "parameters must be (name, mx.gluon.Parameter) pairs, e.g. net.collect_params().items(); "
+                f"got {pair!r}"
+            )
+        name, parameter = pair
+        if name in seen:
+            raise ValueError(f"parameter name {name!r} is given twice")
+        seen.add(name)
+        device_copies(name, parameter)
+    return pairs
+
+
+def device_copies(name: str, parameter: mx.gluon.Parameter) -> List[mx.nd.NDArray]:
+    """Every device copy of ``parameter``; a clear error if it has no data yet."""
+    try:
+        return parameter.list_data()
+    except mx.gluon.parameter.DeferredInitializationError:
+        raise ValueError(
+            f"parameter {name!r} is not initialised yet (deferred initialisation): "
+            "run one forward pass before tracking it"
+        ) from None
+    except RuntimeError as error:
+        raise ValueError(f"parameter {name!r} has no data: {error}") from None
+
+
+def is_floating(dtype: object) -> bool:
+    """Whether arrays of ``dtype`` are averaged (floats) rather than copied (integers)."""
+    return bool(np.issubdtype(np.dtype(dtype), np.floating))
+
+
+def averaging_dtype(dtype: object) -> np.dtype:
+    """The dtype averages of ``dtype`` are kept in: at least float32 for floats."""
+    dtype = np.dtype(dtype)
+    if is_floating(dtype) and dtype.itemsize < 4:
+        return np.dtype(np.float32)
+    return dtype
+
+
+def check_compatible(values: Mapping[str, mx.nd.NDArray], parameters: NamedParameters, source: str) -> None:
+    """Raise, naming the key and ``source``, unless ``values`` fits ``parameters`` exactly."""
+    for name, parameter in parameters:
+        if name not in values:
+            raise KeyError(f"{source} has no value for parameter {name!r}")
+        if tuple(values[name].shape) != tuple(parameter.shape):
+            raise ValueError(
+                f"{source}: parameter {name!r} has shape {tuple(values[name].shape)}, "
+                f"the network expects {tuple(parameter.shape)}"
+            )
+
+
+def write_into_parameters(values: Mapping[str, mx.nd.NDArray], parameters: NamedParameters, source: str) -> None:
+    """Copy ``values[name]`` into every device copy of each parameter.
+
+    Everything is checked before anything is written, so on error the network
+    keeps the weights it had. Values are cast to each copy's dtype.
+    """
+    check_compatible(values, parameters, source)
+    for name, parameter in parameters:
+        for copy in device_copies(name, parameter):
+            values[name].copyto(copy)
+
+
+def snapshot(parameters: NamedParameters) -> Dict[str, np.ndarray]:
+    """NumPy copies of the first device copy of each parameter (for tests and reports)."""
+    return {name: device_copies(name, parameter)[0].asnumpy() for name, parameter in parameters}

@@ -1,0 +1,241 @@
+import math
+import pickle
+
+import mxnet as mx
+import numpy as np
+import pytest
+from numpy.testing import assert_allclose, assert_array_equal
+
+from modavg_plugin import ConfigurationError, ExponentialMovingAverage, MovingAverage
+from modavg_plugin.averages import exponential_decay
+
+CONTEXTS = [mx.cpu(0), mx.cpu(1)]
+
+
+def scalar_network(value: float, ctx=None, dtype="float32") -> mx.gluon.nn.Dense:
+    net = mx.gluon.nn.Dense(1, in_units=1, use_bias=False, dtype=dtype)
+    net.initialize(mx.init.Constant(value), ctx=ctx or mx.cpu())
+    return net
+
+
+def set_everywhere(parameter: mx.gluon.Parameter, value) -> None:
+    for copy in parameter.list_data():
+        copy[:] = value
+
+
+def test_closed_form_fixed_decay():
+    """AllenNLP's reference: start 1, then 5, then 25 with decay 0.9999."""
+    net = scalar_network(1.0)
+    ema = ExponentialMovingAverage(net.collect_params().items(), decay=0.9999)
+    set_everywhere(net.weight, 5.0)
+    ema.apply()
+    set_everywhere(net.weight, 25.0)
+    ema.apply()
+    with ema.average_parameters():
+        assert_allclose(net.weight.data().asnumpy(), [[1 * 0.9999**2 + 5 * 0.9999 * 0.0001 + 25 * 0.0001]], rtol=1e-6)
+    assert_array_equal(net.weight.data().asnumpy(), [[25.0]])
+    assert ema.num_applied == 2
+
+
+def test_closed_form_with_num_updates_warmup():
+    net = scalar_network(1.0)
+    ema = ExponentialMovingAverage(net.collect_params().items(), decay=0.9999, numerator=1.0, denominator=10.0)
+    set_everywhere(net.weight, 5.0)
+    ema.apply(num_updates=1)  # d = 2/11
+    set_everywhere(net.weight, 25.0)
+    ema.apply(num_updates=2)  # d = 3/12
+    d1, d2 = 2 / 11, 3 / 12
+    expected = (1 * d1 + 5 * (1 - d1)) * d2 + 25 * (1 - d2)
+    assert_allclose(ema.shadows[net.weight.name].asnumpy(), [[expected]], rtol=1e-6)
+
+
+def test_decay_schedule_is_capped_by_decay():
+    assert exponential_decay(0.9, None) == 0.9
+    assert exponential_decay(0.9, 0) == pytest.approx(0.1)
+    assert exponential_decay(0.9, 10**6) == 0.9
+    with pytest.raises(ValueError, match="num_updates must be an integer >= 0"):
+        exponential_decay(0.9, -1)
+
+
+@pytest.mark.parametrize("decay", [-0.1, 1.5, math.nan, "0.9"])
+def test_bad_decay_is_refused_with_range(decay):
+    net = scalar_network(1.0)
+    with pytest.raises(ConfigurationError, match=r"decay must be a number in \[0, 1\]"):
+        ExponentialMovingAverage(net.collect_params().items(), decay=decay)
+
+
+@pytest.mark.parametrize("key, value", [("denominator", 0.0), ("numerator", -1.0), ("denominator", math.inf)])
+def test_bad_warmup_arguments_are_refused(key, value):
+    net = scalar_network(1.0)
+    with pytest.raises(ConfigurationError, match=key):
+        ExponentialMovingAverage(net.collect_params().items(), **{key: value})
+
+
+def test_from_config_builds_the_default():
+    net = scalar_network(1.0)
+    ema = MovingAverage.from_config({"decay": 0.5}, parameters=net.collect_params().items())
+    assert isinstance(ema, ExponentialMovingAverage) and ema.decay == 0.5
+
+
+def test_deferred_initialisation_is_named():
+    net = mx.gluon.nn.Dense(2)
+    net.initialize()
+    with pytest.raises(ValueError, match=r"parameter 'dense\d+_weight' is not initialised yet"):
+        ExponentialMovingAverage(net.collect_params().items())
+
+
+def test_assign_and_restore_touch_every_device_copy():
+    net = scalar_network(1.0, ctx=CONTEXTS)
+    ema = ExponentialMovingAverage(net.collect_params().items(), decay=0.5)
+    assert ema.shadows[net.weight.name].context == mx.cpu(0)
+    set_everywhere(net.weight, 3.0)
+    ema.apply()  # shadow 2.0
+    ema.assign_average_value()
+    assert [copy.asscalar() for copy in net.weight.list_data()] == [2.0, 2.0]
+    ema.restore()
+    assert [copy.asscalar() for copy in net.weight.list_data()] == [3.0, 3.0]
+
+
+def test_second_assign_keeps_the_raw_weights_and_restore_is_idempotent():
+    net = scalar_network(1.0)
+    ema = ExponentialMovingAverage(net.collect_params().items(), decay=0.5)
+    set_everywhere(net.weight, 3.0)
+    ema.apply()
+    ema.assign_average_value()
+    ema.assign_average_value()
+    ema.restore()
+    ema.restore()
+    assert net.weight.data().asscalar() == 3.0
+
+
+def test_average_parameters_restores_when_the_body_raises():
+    net = scalar_network(1.0)
+    ema = ExponentialMovingAverage(net.collect_params().items(), decay=0.5)
+    set_everywhere(net.weight, 3.0)
+    ema.apply()
+    with pytest.raises(RuntimeError, match="evaluation failed"):
+        with ema.average_parameters():
+            assert net.weight.data().asscalar() == 2.0
+            raise RuntimeError("evaluation failed")
+    assert net.weight.data().asscalar() == 3.0
+    assert not ema.is_assigned
+
+
+def test_float16_parameters_get_float32_shadows():
+    net = scalar_network(1.0, dtype="float16")
+    ema = ExponentialMovingAverage(net.collect_params().items(), decay=0.999)
+    shadow = ema.shadows[net.weight.name]
+    assert shadow.dtype == np.float32
+    for _ in range(3):
+        ema.apply()  # the fp16 value 1.0 stays exact
+    set_everywhere(net.weight, 2.0)
+    ema.apply()
+    # 0.999 * 1 + 0.001 * 2 = 1.001 is representable in float32, not in float16 (spacing ~0.001 near 1)
+    assert_allclose(shadow.asnumpy(), [[1.001]], rtol=1e-7)
+    with ema.average_parameters():
+        assert net.weight.data().dtype == np.float16
+        assert net.weight.data().asscalar() == np.float16(1.001)
+
+
+def test_integer_parameters_are_copied_not_averaged():
+    steps = mx.gluon.Parameter("steps", shape=(2,), dtype="int32", grad_req="null", init=mx.init.Zero())
+    steps.initialize()
+    ema = ExponentialMovingAverage([("steps", steps)], decay=0.9)
+    steps.set_data(mx.nd.array([7, 9], dtype="int32"))
+    ema.apply()
+    assert_array_equal(ema.shadows["steps"].asnumpy(), [7, 9])
+    assert ema.shadows["steps"].dtype == np.int32
+
+
+def test_swaps_never_call_set_data(monkeypatch):
+    net = scalar_network(1.0, ctx=CONTEXTS)
+    ema = ExponentialMovingAverage(net.collect_params().items(), decay=0.5)
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("set_data resets the trainer's kvstore")
+
+    monkeypatch.setattr(mx.gluon.Parameter, "set_data", forbidden)
+    ema.apply()
+    with ema.average_parameters():
+        pass
+    ema.keep_average_value()
+
+
+def test_state_dict_is_plain_data_and_resumes_exactly():
+    net = scalar_network(1.0)
+    ema = ExponentialMovingAverage(net.collect_params().items(), decay=0.9)
+    for value in (2.0, 4.0):
+        set_everywhere(net.weight, value)
+        ema.apply(num_updates=ema.num_applied + 1)
+    state = ema.state_dict()
+    assert set(state) == {"type", "num_applied", "shadows"}
+    assert all(isinstance(value, np.ndarray) for value in state["shadows"].values())
+    restored_state = pickle.loads(pickle.dumps(state))
+
+    resumed = ExponentialMovingAverage(net.collect_params().items(), decay=0.9)
+    resumed.load_state_dict(restored_state)
+    assert resumed.num_applied == 2
+    for average in (ema, resumed):
+        set_everywhere(net.weight, 8.0)
+        average.apply(num_updates=average.num_applied + 1)
+    assert_array_equal(resumed.shadows[net.weight.name].asnumpy(), ema.shadows[net.weight.name].asnumpy())
+
+
+def test_load_state_dict_follows_the_live_parameters():
+    """AllenNLP re-binds to the loaded copies; here the live parameter keeps driving the shadow."""
+    net = scalar_network(1.0)
+    ema = ExponentialMovingAverage(net.collect_params().items(), decay=0.5)
+    ema.load_state_dict({"num_applied": 0, "shadows": {net.weight.name: np.array([[10.0]], dtype=np.float32)}})
+    set_everywhere(net.weight, 20.0)
+    ema.apply()
+    assert ema.shadows[net.weight.name].asscalar() == 15.0
+
+
+def test_load_state_dict_names_bad_keys_and_shapes():
+    net = scalar_network(1.0)
+    name = net.weight.name
+    ema = ExponentialMovingAverage(net.collect_params().items())
+    with pytest.raises(KeyError, match="'other'"):
+        ema.load_state_dict({"num_applied": 0, "shadows": {name: np.ones((1, 1)), "other": np.ones(1)}})
+    with pytest.raises(KeyError, match=name):
+        ema.load_state_dict({"num_applied": 0, "shadows": {}})
+    with pytest.raises(ValueError, match=f"{name}.*shape"):
+        ema.load_state_dict({"num_applied": 0, "shadows": {name: np.ones((2, 2))}})
+    with pytest.raises(KeyError, match="num_applied"):
+        ema.load_state_dict({"shadows": {}})
+
+
+def train_two_devices(swap_every_step: bool) -> list:
+    """Adam on [cpu(0), cpu(1)] with kvstore='device' (the trainer updates on the kvstore)."""
+    mx.random.seed(1)
+    np.random.seed(1)
+    net = mx.gluon.nn.HybridSequential()
+    net.add(mx.gluon.nn.Dense(8, activation="tanh", in_units=3), mx.gluon.nn.Dense(1, in_units=8))
+    net.initialize(mx.init.Xavier(), ctx=CONTEXTS)
+    trainer = mx.gluon.Trainer(net.collect_params(), "adam", {"learning_rate": 0.05}, kvstore="device")
+    ema = ExponentialMovingAverage(net.collect_params().items(), decay=0.9)
+    inputs = np.random.RandomState(0).randn(6, 16, 3).astype(np.float32)
+    for step, batch in enumerate(inputs, start=1):
+        with mx.autograd.record():
+            losses = [
+                (net(mx.nd.array(half, ctx=ctx)) - 1.0).square().sum()
+                for half, ctx in zip(np.split(batch, 2), CONTEXTS)
+            ]
+        mx.autograd.backward(losses)
+        trainer.step(len(batch))
+        ema.apply(num_updates=step)
+        if step == 1:
+            assert trainer._update_on_kvstore, "the test must exercise a trainer that updates on the kvstore"
+        if swap_every_step:
+            with ema.average_parameters():
+                [net(mx.nd.array(batch, ctx=ctx)).wait_to_read() for ctx in CONTEXTS]
+    return [[copy.asnumpy() for copy in parameter.list_data()] for parameter in net.collect_params().values()]
+
+
+def test_swapping_between_steps_leaves_multi_device_training_bit_for_bit_identical():
+    reference = train_two_devices(swap_every_step=False)
+    swapped = train_two_devices(swap_every_step=True)
+    assert len(reference) == len(swapped) == 4
+    for copies, other_copies in zip(reference, swapped):
+        for copy, other in zip(copies, other_copies):
+            assert_array_equal(copy, other)

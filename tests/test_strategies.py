@@ -1,0 +1,178 @@
+import logging
+import math
+import os
+
+import mxnet as mx
+import numpy as np
+import pytest
+import scipy.special
+from numpy.testing import assert_allclose, assert_array_equal
+
+from modavg_plugin import (
+    AveragingStrategy,
+    CheckpointError,
+    ConfigurationError,
+    SelectNBestMean,
+    SelectNBestSoftmax,
+    save_epoch_info,
+)
+from modavg_plugin.checkpoints import load_params
+
+
+def write_checkpoint(folder, epoch_no: int, score, arrays: dict) -> str:
+    base = os.path.join(str(folder), f"epoch-{epoch_no:04d}")
+    arrays = {name: np.asarray(value, dtype=getattr(value, "dtype", np.float32)) for name, value in arrays.items()}
+    mx.nd.save(f"{base}.params", {name: mx.nd.array(value, dtype=value.dtype) for name, value in arrays.items()})
+    save_epoch_info(base, {"params_path": f"{base}.params", "epoch_no": epoch_no, "score": score})
+    return f"{base}.params"
+
+
+def records(scores):
+    return [{"params_path": f"p{index}", "epoch_no": index, "score": score} for index, score in enumerate(scores)]
+
+
+def test_mean_selects_n_best_lowest_first_with_equal_weights():
+    paths, weights = SelectNBestMean(num_models=2).select_checkpoints(records([0.5, 0.1, 0.3]))
+    assert paths == ["p1", "p2"] and weights == [0.5, 0.5]
+
+
+def test_maximize_selects_highest():
+    strategy = SelectNBestMean(num_models=2, maximize=True)
+    assert strategy.select_checkpoints(records([0.5, 0.1, 0.3]))[0] == ["p0", "p2"]
+
+
+def test_num_models_larger_than_available_uses_all():
+    paths, weights = SelectNBestMean(num_models=10).select_checkpoints(records([3.0, 1.0]))
+    assert paths == ["p1", "p0"] and weights == [0.5, 0.5]
+
+
+@pytest.mark.parametrize("scores", [[800.0, 900.0, 1000.0], [0.010, 0.012, 0.3], [-1e6, 0.0, 1e6]])
+@pytest.mark.parametrize("maximize", [False, True])
+def test_softmax_weights_are_stable_and_match_scipy(scores, maximize):
+    strategy = SelectNBestSoftmax(num_models=3, maximize=maximize)
+    paths, weights = strategy.select_checkpoints(records(scores))
+    chosen = [scores[int(path[1:])] for path in paths]
+    expected = scipy.special.softmax(np.array(chosen) * (1 if maximize else -1))
+    assert all(math.isfinite(weight) for weight in weights)
+    assert_allclose(weights, expected, rtol=1e-12, atol=1e-300)
+    assert sum(weights) == pytest.approx(1.0)
+
+
+def test_softmax_where_gluonts_gives_nan():
+    """GluonTS computes exp(-800) / sum: 0/0. Here the best of [800, 900, 1000] gets all the weight."""
+    _, weights = SelectNBestSoftmax(num_models=3).select_checkpoints(records([800.0, 900.0, 1000.0]))
+    assert weights[0] == pytest.approx(1.0) and weights[1] == pytest.approx(math.exp(-100))
+
+
+@pytest.mark.parametrize("strategy_type", [SelectNBestMean, SelectNBestSoftmax])
+def test_nan_and_infinite_scores_are_never_selected(strategy_type):
+    paths, _ = strategy_type(num_models=5).select_checkpoints(records([math.nan, 2.0, math.inf, 1.0, -math.inf]))
+    assert paths == ["p3", "p1"]
+
+
+def test_all_nan_scores_is_an_error():
+    with pytest.raises(CheckpointError, match="no checkpoint has a finite 'score'"):
+        SelectNBestMean().select_checkpoints(records([math.nan, math.nan]))
+
+
+def test_missing_metric_is_named():
+    with pytest.raises(CheckpointError, match="metric 'accuracy' is missing"):
+        SelectNBestMean(metric="accuracy").select_checkpoints(records([1.0]))
+
+
+@pytest.mark.parametrize("num_models", [0, -1, 1.5, True])
+def test_bad_num_models_is_refused(num_models):
+    with pytest.raises(ConfigurationError, match="num_models must be an integer >= 1"):
+        SelectNBestMean(num_models=num_models)
+
+
+def test_from_config_and_serde_round_trip():
+    from gluonts.core import serde
+
+    strategy = AveragingStrategy.from_config({"type": "softmax", "num_models": 3, "maximize": True})
+    assert isinstance(strategy, SelectNBestSoftmax)
+    assert serde.decode(serde.encode(strategy)) == strategy
+
+
+def test_average_arrays_weighted_mean():
+    arrays = [mx.nd.array([1.0, 2.0]), mx.nd.array([3.0, 6.0])]
+    assert_allclose(AveragingStrategy.average_arrays(arrays, [0.25, 0.75]).asnumpy(), [2.5, 5.0])
+    with pytest.raises(ValueError, match="arrays is empty"):
+        AveragingStrategy.average_arrays([], [])
+    with pytest.raises(ValueError, match="same shape"):
+        AveragingStrategy.average_arrays([mx.nd.ones(2), mx.nd.ones(3)], [0.5, 0.5])
+    with pytest.raises(ValueError, match="2 weights for 1 items"):
+        AveragingStrategy.average_arrays([mx.nd.ones(2)], [0.5, 0.5])
+
+
+def test_apply_averages_the_best_checkpoints_of_a_folder(tmp_path):
+    write_checkpoint(tmp_path, 0, 3.0, {"w": [[0.0, 0.0]], "steps": np.array([1], dtype=np.int32)})
+    write_checkpoint(tmp_path, 1, 1.0, {"w": [[2.0, 4.0]], "steps": np.array([2], dtype=np.int32)})
+    write_checkpoint(tmp_path, 2, 2.0, {"w": [[4.0, 8.0]], "steps": np.array([3], dtype=np.int32)})
+    path = SelectNBestMean(num_models=2).apply(str(tmp_path))
+    assert path == os.path.join(str(tmp_path), "averaged_model-0000.params")
+    averaged = load_params(path)
+    assert_allclose(averaged["w"].asnumpy(), [[3.0, 6.0]])
+    assert_array_equal(averaged["steps"].asnumpy(), [2])  # integers: copied from the best checkpoint
+    assert averaged["steps"].dtype == np.int32
+
+
+def test_softmax_apply_matches_independent_weighting(tmp_path):
+    write_checkpoint(tmp_path, 0, 1.0, {"w": [10.0]})
+    write_checkpoint(tmp_path, 1, 2.0, {"w": [20.0]})
+    averaged = load_params(SelectNBestSoftmax(num_models=2).apply(str(tmp_path)))
+    w0 = 1 / (1 + math.exp(-1.0))
+    assert_allclose(averaged["w"].asnumpy(), [10.0 * w0 + 20.0 * (1 - w0)], rtol=1e-6)
+
+
+def test_float16_checkpoints_are_summed_in_float32(tmp_path):
+    """Seven checkpoints of 100.0 weighted 1/7: a float16 running sum gives 99.9, float32 gives 100."""
+    paths = [write_checkpoint(tmp_path, index, 1.0, {"w": np.full(1, 100.0, dtype=np.float16)}) for index in range(7)]
+    averaged = SelectNBestMean(num_models=7).average(paths, [1 / 7] * 7)["w"]
+    assert averaged.dtype == np.float16
+    assert averaged.asscalar() == 100.0
+
+
+def test_empty_and_missing_folders_are_named(tmp_path):
+    with pytest.raises(CheckpointError, match=f"no checkpoints .* in folder {tmp_path}"):
+        SelectNBestMean().apply(str(tmp_path))
+    with pytest.raises(CheckpointError, match="folder .*nowhere does not exist"):
+        SelectNBestMean().apply(str(tmp_path / "nowhere"))
+
+
+def test_mismatched_keys_and_shapes_are_named(tmp_path):
+    first = write_checkpoint(tmp_path, 0, 1.0, {"w": [1.0], "b": [0.0]})
+    other_key = write_checkpoint(tmp_path, 1, 1.0, {"w": [1.0], "c": [0.0]})
+    other_shape = write_checkpoint(tmp_path, 2, 1.0, {"w": [1.0, 2.0], "b": [0.0]})
+    with pytest.raises(CheckpointError, match="parameter 'b' is missing from .*epoch-0001.params"):
+        SelectNBestMean().average([first, other_key], [0.5, 0.5])
+    with pytest.raises(CheckpointError, match=r"parameter 'w' has shape \(2,\) in .*epoch-0002.params"):
+        SelectNBestMean().average([first, other_shape], [0.5, 0.5])
+
+
+def test_truncated_file_is_skipped_with_a_warning_and_the_rest_averaged(tmp_path, caplog):
+    good = write_checkpoint(tmp_path, 0, 1.0, {"w": [2.0]})
+    other = write_checkpoint(tmp_path, 1, 2.0, {"w": [4.0]})
+    broken = write_checkpoint(tmp_path, 2, 0.5, {"w": [100.0]})
+    with open(broken, "r+b") as file:
+        file.truncate(20)
+    with caplog.at_level(logging.WARNING, logger="gluonts.modavg_plugin"):
+        averaged = load_params(SelectNBestMean(num_models=3).apply(str(tmp_path)))
+    assert_allclose(averaged["w"].asnumpy(), [3.0])
+    assert any("epoch-0002.params" in record.getMessage() for record in caplog.records)
+
+
+def test_nothing_readable_is_an_error_naming_the_files(tmp_path):
+    broken = write_checkpoint(tmp_path, 0, 1.0, {"w": [2.0]})
+    open(broken, "wb").close()
+    with pytest.raises(CheckpointError, match="no usable checkpoint.*epoch-0000.params"):
+        SelectNBestMean().apply(str(tmp_path))
+
+
+def test_unreadable_epoch_info_is_skipped(tmp_path, caplog):
+    write_checkpoint(tmp_path, 0, 1.0, {"w": [2.0]})
+    (tmp_path / "junk-epoch-info.json").write_text("{not json")
+    with caplog.at_level(logging.WARNING, logger="gluonts.modavg_plugin"):
+        records_read = SelectNBestMean.get_checkpoint_information(str(tmp_path))
+    assert [record["epoch_no"] for record in records_read] == [0]
+    assert any("junk-epoch-info.json" in record.getMessage() for record in caplog.records)
