@@ -2,16 +2,22 @@
 
 An exponential moving average kept every batch and/or the weighted mean of the
 best epoch checkpoints, for GluonTS's ``Trainer`` (MXNet) and plain Gluon loops.
-Importing the package registers the built-in names.
+Importing the package registers the built-in moving averages and strategies;
+the GluonTS callbacks (and GluonTS itself) are imported on first use of
+``AveragingCallback`` and friends, so plain Gluon loops do not pay for GluonTS.
 """
 
+import importlib
+from typing import Any
+
 from .averages import ExponentialMovingAverage, MovingAverage
-from .callbacks import AveragingCallback, CheckpointAveragingCallback, ExponentialAveragingCallback
 from .checkpoints import CheckpointError, save_epoch_info
 from .registry import ConfigurationError, Registrable
 from .strategies import AveragingStrategy, SelectNBestMean, SelectNBestSoftmax
 
 __version__ = "0.1.0"
+
+_GLUONTS_NAMES = {"AveragingCallback", "CheckpointAveragingCallback", "ExponentialAveragingCallback"}
 
 __all__ = [
     "AveragingCallback",
@@ -27,3 +33,14 @@ __all__ = [
     "SelectNBestSoftmax",
     "save_epoch_info",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    """Import the GluonTS callbacks on first access (PEP 562)."""
+    if name in _GLUONTS_NAMES:
+        return getattr(importlib.import_module(".callbacks", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list:
+    return sorted(set(globals()) | _GLUONTS_NAMES)

@@ -224,7 +224,7 @@ class ExponentialMovingAverage(MovingAverage):
     Examples
     --------
     >>> ema = ExponentialMovingAverage(net.collect_params().items(), decay=0.999)  # doctest: +SKIP
-    >>> trainer.step(batch_size); ema.apply()                                     # doctest: +SKIP
+    >>> trainer.step(batch_size); ema.apply(num_updates=step)                     # doctest: +SKIP
     >>> with ema.average_parameters():                                            # doctest: +SKIP
     ...     evaluate(net)
     """

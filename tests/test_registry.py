@@ -127,3 +127,19 @@ def test_builtin_defaults():
     assert MovingAverage.default_implementation == "exponential"
     assert MovingAverage.list_available()[0] == "exponential"
     assert AveragingStrategy.list_available()[:2] == ["mean", "softmax"]
+
+
+def test_top_level_import_of_the_core_does_not_import_gluonts():
+    import subprocess
+    import sys
+
+    code = "import sys, modavg_plugin; print('gluonts' in sys.modules); modavg_plugin.AveragingCallback; print('gluonts' in sys.modules)"
+    output = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    assert output == ["False", "True"]
+
+
+def test_every_public_name_is_importable_from_the_top_level():
+    import modavg_plugin
+
+    for name in modavg_plugin.__all__:
+        assert getattr(modavg_plugin, name) is not None, name

@@ -1,0 +1,246 @@
+"""Tiny real GluonTS training runs: what the network holds during validation and after training."""
+
+import glob
+import json
+import logging
+import os
+from typing import Dict, List
+
+import mxnet as mx
+import numpy as np
+import pytest
+from gluonts.core import serde
+from gluonts.dataset.common import ListDataset
+from gluonts.mx import SimpleFeedForwardEstimator, Trainer
+from gluonts.mx.trainer.callback import Callback
+from numpy.testing import assert_allclose, assert_array_equal
+
+from modavg_plugin import (
+    AveragingCallback,
+    CheckpointAveragingCallback,
+    ConfigurationError,
+    ExponentialAveragingCallback,
+    SelectNBestMean,
+)
+
+Weights = Dict[str, np.ndarray]
+
+
+def read_weights(network: mx.gluon.Block) -> Weights:
+    return {name: parameter.data().asnumpy().astype(np.float64) for name, parameter in network.collect_params().items()}
+
+
+class Probe(Callback):
+    """Listed after the averaging callback: records what the network holds at each hook."""
+
+    def __init__(self) -> None:
+        self.raw_after_step: List[Weights] = []
+        self.during_validation: List[Weights] = []
+        self.raw_at_epoch_start: List[Weights] = []
+        self.raw_at_epoch_end: List[Weights] = []
+        self.scores: List[float] = []
+        self.files_at_epoch_end: List[int] = []
+        self.network = None
+
+    def on_network_initializing_end(self, training_network, **kwargs) -> None:
+        self.network = training_network
+        self.raw_after_step.append(read_weights(training_network))
+
+    def on_train_epoch_start(self, training_network, **kwargs) -> None:
+        self.raw_at_epoch_start.append(read_weights(training_network))
+
+    def on_train_batch_end(self, training_network, **kwargs) -> bool:
+        self.raw_after_step.append(read_weights(training_network))
+        return True
+
+    def on_validation_epoch_start(self, training_network, **kwargs) -> None:
+        self.during_validation.append(read_weights(training_network))
+
+    def on_epoch_end(self, epoch_no, epoch_loss, training_network, checkpoint_dir=None, **kwargs) -> bool:
+        self.raw_at_epoch_end.append(read_weights(training_network))
+        self.scores.append(epoch_loss)
+        return True
+
+
+def dataset() -> ListDataset:
+    rng = np.random.RandomState(0)
+    series = [np.sin(np.arange(120) / 4.0) + 0.2 * rng.randn(120) for _ in range(4)]
+    return ListDataset([{"start": "2021-01-01", "target": target} for target in series], freq="D")
+
+
+def train(callback: Callback, with_validation: bool = True, epochs: int = 4, batches: int = 3) -> Probe:
+    probe = Probe()
+    mx.random.seed(7)
+    np.random.seed(7)
+    estimator = SimpleFeedForwardEstimator(
+        prediction_length=4,
+        context_length=8,
+        num_hidden_dimensions=[6],
+        batch_size=8,
+        trainer=Trainer(epochs=epochs, num_batches_per_epoch=batches, learning_rate=1e-2, callbacks=[callback, probe]),
+    )
+    data = dataset()
+    estimator.train(data, validation_data=data if with_validation else None)
+    return probe
+
+
+def independent_ema(raw_after_step: List[Weights], decay: float, steps: int) -> Weights:
+    """The EMA with warm-up min(decay, (1 + k) / (10 + k)), in float64, over the first ``steps`` steps."""
+    average = {name: value.copy() for name, value in raw_after_step[0].items()}
+    for k in range(1, steps + 1):
+        d = min(decay, (1 + k) / (10 + k))
+        average = {name: d * average[name] + (1 - d) * raw_after_step[k][name] for name in average}
+    return average
+
+
+def assert_weights_close(actual: Weights, expected: Weights, rtol: float = 1e-5, atol: float = 1e-6) -> None:
+    assert actual.keys() == expected.keys()
+    for name in actual:
+        assert_allclose(actual[name], expected[name], rtol=rtol, atol=atol, err_msg=name)
+
+
+def mean_of(weights: List[Weights]) -> Weights:
+    return {name: np.mean([w[name] for w in weights], axis=0) for name in weights[0]}
+
+
+def test_ema_is_validated_and_kept_at_the_end_despite_gluonts_default_callbacks():
+    callback = ExponentialAveragingCallback(decay=0.9)
+    probe = train(callback)
+    steps_per_epoch = 3
+    assert callback.num_updates == 4 * steps_per_epoch
+    for epoch, validated in enumerate(probe.during_validation):
+        assert_weights_close(validated, independent_ema(probe.raw_after_step, 0.9, (epoch + 1) * steps_per_epoch))
+    # training continues from the raw weights, not from the averaged ones
+    for epoch in range(1, 4):
+        assert_weights_close(probe.raw_at_epoch_start[epoch], probe.raw_after_step[epoch * steps_per_epoch], 0, 0)
+    final = independent_ema(probe.raw_after_step, 0.9, 12)
+    assert_weights_close(read_weights(probe.network), final)
+    assert not np.allclose(final[next(iter(final))], probe.raw_after_step[-1][next(iter(final))])
+
+
+def test_ema_with_mean_strategy_averages_the_best_epoch_averages(tmp_path):
+    callback = AveragingCallback.from_config(
+        {"decay": 0.9, "avg_strategy": {"type": "mean", "num_models": 2}, "checkpoint_dir": str(tmp_path)}
+    )
+    probe = train(callback)
+    best_two = np.argsort(probe.scores, kind="stable")[:2]
+    expected = mean_of([probe.during_validation[epoch] for epoch in best_two])
+    assert_weights_close(read_weights(probe.network), expected)
+    assert sorted(glob.glob(str(tmp_path / "*.params"))) == sorted(
+        str(tmp_path / f"epoch-{epoch:04d}.params") for epoch in best_two
+    )
+    assert len(glob.glob(str(tmp_path / "*-epoch-info.json"))) == 2
+
+
+def test_without_a_strategy_only_the_latest_checkpoint_is_kept(tmp_path):
+    callback = ExponentialAveragingCallback(decay=0.9, checkpoint_dir=str(tmp_path))
+    probe = train(callback, epochs=3, batches=2)
+    assert sorted(os.listdir(tmp_path)) == ["epoch-0002-epoch-info.json", "epoch-0002.params"]
+    saved = mx.nd.load(str(tmp_path / "epoch-0002.params"))
+    expected = independent_ema(probe.raw_after_step, 0.9, 6)
+    assert_weights_close({name: array.asnumpy() for name, array in saved.items()}, expected)
+
+
+def test_files_stay_bounded_during_training(tmp_path):
+    seen: List[int] = []
+
+    class Counter(Callback):
+        def on_epoch_end(self, **kwargs) -> bool:
+            seen.append(len(glob.glob(str(tmp_path / "*.params"))))
+            return True
+
+    callback = ExponentialAveragingCallback(
+        decay=0.9, avg_strategy=SelectNBestMean(num_models=2), checkpoint_dir=str(tmp_path)
+    )
+    probe = Probe()
+    mx.random.seed(0)
+    estimator = SimpleFeedForwardEstimator(
+        prediction_length=4,
+        context_length=8,
+        num_hidden_dimensions=[6],
+        trainer=Trainer(epochs=5, num_batches_per_epoch=2, callbacks=[callback, Counter(), probe]),
+    )
+    estimator.train(dataset())
+    assert seen == [1, 2, 2, 2, 2]
+
+
+def test_score_is_the_training_loss_without_validation(tmp_path):
+    callback = ExponentialAveragingCallback(decay=0.9, checkpoint_dir=str(tmp_path))
+    probe = train(callback, with_validation=False, epochs=2)
+    assert probe.during_validation == []
+
+    (info_path,) = glob.glob(str(tmp_path / "*-epoch-info.json"))
+    info = json.loads(open(info_path).read())
+    assert info["epoch_no"] == 1 and info["score"] == pytest.approx(probe.scores[-1])
+    assert_weights_close(read_weights(probe.network), independent_ema(probe.raw_after_step, 0.9, 6))
+
+
+def test_checkpoints_callback_averages_the_best_raw_epochs():
+    callback = AveragingCallback.from_config({"type": "checkpoints", "avg_strategy": {"num_models": 2}})
+    assert isinstance(callback, CheckpointAveragingCallback)
+    probe = train(callback)
+    best_two = np.argsort(probe.scores, kind="stable")[:2]
+    expected = mean_of([probe.raw_at_epoch_end[epoch] for epoch in best_two])
+    assert_weights_close(read_weights(probe.network), expected)
+    # validation saw the raw weights: no EMA here
+    assert_weights_close(probe.during_validation[0], probe.raw_after_step[3], 0, 0)
+
+
+def test_failure_while_averaging_keeps_the_trained_weights_and_says_why(monkeypatch, caplog):
+    def broken_average(self, paths, weights):
+        raise OSError("disk on fire")
+
+    monkeypatch.setattr(SelectNBestMean, "average", broken_average)
+    callback = ExponentialAveragingCallback(decay=0.9, avg_strategy=SelectNBestMean(num_models=2))
+    with caplog.at_level(logging.ERROR, logger="gluonts.modavg_plugin"):
+        probe = train(callback)
+    assert_weights_close(read_weights(probe.network), independent_ema(probe.raw_after_step, 0.9, 12))
+    assert any("disk on fire" in record.getMessage() for record in caplog.records)
+
+    raw_callback = CheckpointAveragingCallback(avg_strategy=SelectNBestMean(num_models=2))
+    probe = train(raw_callback)
+    assert_weights_close(read_weights(probe.network), probe.raw_after_step[-1], 0, 0)
+
+
+def test_estimator_serde_round_trip_keeps_the_callback():
+    callback = AveragingCallback.from_config({"decay": 0.99, "avg_strategy": {"type": "softmax", "num_models": 3}})
+    estimator = SimpleFeedForwardEstimator(prediction_length=4, trainer=Trainer(epochs=1, callbacks=[callback]))
+    decoded = serde.load_json(serde.dump_json(estimator))
+    (restored,) = [c for c in decoded.trainer.callbacks.callbacks if isinstance(c, ExponentialAveragingCallback)]
+    assert restored.decay == 0.99
+    assert restored.avg_strategy == callback.avg_strategy
+    assert serde.dump_json(restored) == serde.dump_json(callback)
+
+
+def test_hooks_accept_extra_keyword_arguments(tmp_path):
+    net = mx.gluon.nn.Dense(2, in_units=3)
+    net.initialize()
+    callback = ExponentialAveragingCallback(decay=0.5, checkpoint_dir=str(tmp_path))
+    callback.on_train_start(max_epochs=1, future_argument=1)
+    callback.on_network_initializing_end(training_network=net, future_argument=1)
+    callback.on_train_epoch_start(training_network=net, future_argument=1)
+    assert callback.on_train_batch_end(training_network=net, future_argument=1)
+    callback.on_validation_epoch_start(training_network=net, future_argument=1)
+    assert callback.on_validation_epoch_end(epoch_no=0, epoch_loss=1.0, training_network=net, trainer=None, x=1)
+    assert callback.on_epoch_end(epoch_no=0, epoch_loss=1.0, training_network=net, trainer=None, best_epoch_info={}, ctx=None)
+    callback.on_train_end(training_network=net, temporary_file="renamed in some GluonTS versions", ctx=None)
+
+
+@pytest.mark.parametrize(
+    "config, message",
+    [
+        ({"decay": 1.5}, r"decay must be a number in \[0, 1\]"),
+        ({"decay": float("nan")}, r"decay must be a number in \[0, 1\]"),
+        ({"avg_strategy": {"num_models": 0}}, "num_models must be an integer >= 1"),
+        ({"avg_strategy": {"metric": "accuracy"}}, "records only 'score'"),
+        ({"decy": 0.9}, "unknown key 'decy'.*did you mean 'decay'"),
+        ({"type": "exponentail"}, "did you mean 'exponential'"),
+    ],
+)
+def test_bad_callback_configs_are_refused(config, message):
+    with pytest.raises(ConfigurationError, match=message):
+        AveragingCallback.from_config(config)
+
+
+def test_registered_callbacks():
+    assert AveragingCallback.list_available() == ["exponential", "checkpoints"]
