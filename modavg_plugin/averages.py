@@ -19,6 +19,7 @@ import numpy as np
 
 from .parameters import NamedParameters, averaging_dtype, device_copies, is_floating, named_parameters, write_into_parameters
 from .registry import ConfigurationError, Registrable
+from .update_kernels import UpdateGroup, group_key, update_group_for
 
 __all__ = [
     "ExponentialMovingAverage",
@@ -91,17 +92,39 @@ class MovingAverage(Registrable):
 
     def __init__(self, parameters: Iterable[Tuple[str, mx.gluon.Parameter]]) -> None:
         self._parameters: NamedParameters = named_parameters(parameters)
+        self._groups = self._new_update_groups()
+        by_name = dict(self._parameters)
+        self._group_parameters = [[by_name[name] for name in group.names] for group in self._groups]
         self._shadows: Dict[str, mx.nd.NDArray] = {
-            name: self._new_shadow(name, parameter) for name, parameter in self._parameters
+            name: group.shadows[name] for group in self._groups for name in group.names
         }
         self._backups: Dict[str, List[mx.nd.NDArray]] = {}
         self._assigned = False
         self.num_applied = 0
 
+    def _new_update_groups(self) -> List[UpdateGroup]:
+        """Shadows grouped by context and dtype, each group in one flat buffer."""
+        members: Dict[Tuple[str, int, str], List[Tuple[str, mx.gluon.Parameter]]] = {}
+        for name, parameter in self._parameters:
+            first = device_copies(name, parameter)[0]
+            members.setdefault(group_key(first, averaging_dtype(first.dtype)), []).append((name, parameter))
+        return [
+            update_group_for(
+                [name for name, _ in pairs],
+                [self._first_copy(name, parameter) for name, parameter in pairs],
+                averaging_dtype(self._first_copy(*pairs[0]).dtype),
+            )
+            for pairs in members.values()
+        ]
+
     @staticmethod
-    def _new_shadow(name: str, parameter: mx.gluon.Parameter) -> mx.nd.NDArray:
-        first = device_copies(name, parameter)[0]
-        return first.astype(averaging_dtype(first.dtype), copy=True)
+    def _first_copy(name: str, parameter: mx.gluon.Parameter) -> mx.nd.NDArray:
+        return device_copies(name, parameter)[0]
+
+    def _update_shadows(self, decay: float) -> None:
+        """``shadow = decay * shadow + (1 - decay) * param`` for every shadow (fast paths)."""
+        for group, parameters in zip(self._groups, self._group_parameters):
+            group.update([parameter.list_data()[0] for parameter in parameters], decay)
 
     @property
     def parameters(self) -> NamedParameters:
@@ -250,7 +273,5 @@ class ExponentialMovingAverage(MovingAverage):
         num_updates
             The number of optimiser steps so far; enables the warm-up decay.
         """
-        decay = exponential_decay(self.decay, num_updates, self.numerator, self.denominator)
-        for name, parameter in self._parameters:
-            exponential_update(self._shadows[name], device_copies(name, parameter)[0], decay)
+        self._update_shadows(exponential_decay(self.decay, num_updates, self.numerator, self.denominator))
         self.num_applied += 1

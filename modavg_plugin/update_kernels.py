@@ -1,0 +1,200 @@
+"""Fast in-place EMA updates, ``shadow = d * shadow + (1 - d) * value``, for many arrays.
+
+Shadows of one context and dtype live in one flat buffer (each shadow is a
+reshaped slice of it). The update is picked by context:
+
+- CPU (:class:`CpuUpdateGroup`): BLAS ``scal`` then ``axpy`` (SciPy's
+  OpenBLAS, multi-threaded) in place on zero-copy NumPy views of the arrays'
+  memory: ``shadow *= d``, ``shadow += (1 - d) * value``. The MXNet engine is
+  synchronised by hand: each parameter waits for its pending writes before it
+  is read, the shadow buffer waits for its pending reads and writes before it
+  is written. Values of another dtype (float16 parameters, float32 shadows)
+  are cast by MXNet first.
+- other contexts, e.g. GPU (:class:`MultiTensorUpdateGroup`): MXNet's
+  ``multi_sgd_update`` with ``lr = d - 1``, ``wd = -1``, which computes exactly
+  ``d * s + (1 - d) * p``, batched to at most 60 arrays a call (61 or more
+  abort the process in MXNet 1.9).
+- integer dtypes (:class:`CopyUpdateGroup`): copied, not averaged.
+
+Written by hand because no library offers in-place arithmetic on MXNet's
+memory under its engine; BLAS does the arithmetic.
+"""
+
+import ctypes
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import mxnet as mx
+import numpy as np
+from mxnet.base import _LIB, check_call
+from scipy.linalg import blas
+
+from .parameters import is_floating
+
+__all__ = [
+    "CopyUpdateGroup",
+    "CpuUpdateGroup",
+    "MULTI_TENSOR_LIMIT",
+    "MultiTensorUpdateGroup",
+    "UpdateGroup",
+    "update_group_for",
+]
+
+MULTI_TENSOR_LIMIT = 60
+"""Most weights ``multi_sgd_update`` takes in one call (61 aborts the process)."""
+
+
+
+def wait_to_write(array: mx.nd.NDArray) -> None:
+    """Block until every pending read and write of ``array`` by the engine is done."""
+    check_call(_LIB.MXNDArrayWaitToWrite(array.handle))
+
+
+def data_pointer(array: mx.nd.NDArray) -> int:
+    """Address of ``array``'s memory (MXNet first reorders MKLDNN layouts to the default)."""
+    pointer = ctypes.c_void_p()
+    check_call(_LIB.MXNDArrayGetData(array.handle, ctypes.byref(pointer)))
+    return int(pointer.value or 0)
+
+
+class ZeroCopyView:
+    """A NumPy view of a CPU NDArray's memory, rebuilt when the array or its memory changes.
+
+    Call :meth:`read` or :meth:`write` every time the memory is touched: they
+    synchronise with the MXNet engine and re-check the address.
+    """
+
+    def __init__(self) -> None:
+        self._array: Optional[mx.nd.NDArray] = None
+        self._pointer = 0
+        self._view: Optional[np.ndarray] = None
+
+    def read(self, array: mx.nd.NDArray) -> np.ndarray:
+        """Flat view of ``array`` after its pending writes."""
+        array.wait_to_read()
+        return self._current(array)
+
+    def write(self, array: mx.nd.NDArray) -> np.ndarray:
+        """Flat view of ``array`` after its pending reads and writes."""
+        wait_to_write(array)
+        return self._current(array)
+
+    def _current(self, array: mx.nd.NDArray) -> np.ndarray:
+        pointer = data_pointer(array)
+        if array is not self._array or pointer != self._pointer:
+            dtype = np.dtype(array.dtype)
+            buffer = (ctypes.c_byte * (array.size * dtype.itemsize)).from_address(pointer)
+            self._array, self._pointer, self._view = array, pointer, np.frombuffer(buffer, dtype=dtype)
+        return self._view
+
+
+class UpdateGroup:
+    """Shadows of one context and dtype, in one flat buffer, and their update.
+
+    Parameters
+    ----------
+    names
+        Parameter names, in the order ``update`` receives their values.
+    initial_values
+        The values the shadows start from (any dtype; copied and cast).
+    dtype
+        The shadows' dtype.
+    """
+
+    def __init__(self, names: Sequence[str], initial_values: Sequence[mx.nd.NDArray], dtype: np.dtype) -> None:
+        self.names = list(names)
+        self.dtype = np.dtype(dtype)
+        self.context = initial_values[0].context
+        sizes = [int(value.size) for value in initial_values]
+        self.order = self.layout(initial_values)
+        self.offsets = [0] * len(sizes)
+        offset = 0
+        for index in self.order:
+            self.offsets[index] = offset
+            offset += sizes[index]
+        self.flat = mx.nd.zeros((max(offset, 1),), ctx=self.context, dtype=self.dtype)
+        self.shadows: Dict[str, mx.nd.NDArray] = {}
+        for name, value, start, size in zip(self.names, initial_values, self.offsets, sizes):
+            shadow = self.flat[start : start + size].reshape(value.shape)
+            value.copyto(shadow)
+            self.shadows[name] = shadow
+
+    def layout(self, initial_values: Sequence[mx.nd.NDArray]) -> List[int]:
+        """Order of the shadows in the flat buffer (indices into ``names``)."""
+        return list(range(len(initial_values)))
+
+    def update(self, values: Sequence[mx.nd.NDArray], decay: float) -> None:
+        """``shadow = decay * shadow + (1 - decay) * value`` for every shadow, in place."""
+        raise NotImplementedError
+
+
+class CopyUpdateGroup(UpdateGroup):
+    """Integer shadows: each update copies the current value."""
+
+    def update(self, values: Sequence[mx.nd.NDArray], decay: float) -> None:
+        for name, value in zip(self.names, values):
+            value.copyto(self.shadows[name])
+
+
+class CpuUpdateGroup(UpdateGroup):
+    """CPU shadows updated by BLAS on zero-copy views (see the module docstring)."""
+
+    def __init__(self, names: Sequence[str], initial_values: Sequence[mx.nd.NDArray], dtype: np.dtype) -> None:
+        super().__init__(names, initial_values, dtype)
+        self._scale, self._axpy = blas.get_blas_funcs(("scal", "axpy"), dtype=self.dtype)
+        self._sizes = [int(value.size) for value in initial_values]
+        self._value_views = [ZeroCopyView() for _ in self.names]
+        self._flat_view = ZeroCopyView()
+
+    def update(self, values: Sequence[mx.nd.NDArray], decay: float) -> None:
+        values = [value if value.dtype == self.dtype else value.astype(self.dtype) for value in values]
+        views = [view.read(value) for view, value in zip(self._value_views, values)]
+        flat = self._flat_view.write(self.flat)
+        rest = 1.0 - decay
+        for value, start, size in zip(views, self.offsets, self._sizes):
+            shadow = flat[start : start + size]
+            scaled = self._scale(decay, shadow)
+            summed = self._axpy(value, scaled, a=rest)
+            if summed is not shadow:  # BLAS wrappers work in place on contiguous arrays; never rely on it silently
+                shadow[...] = summed
+
+
+class MultiTensorUpdateGroup(UpdateGroup):
+    """Shadows on GPU (or any context) updated with ``multi_sgd_update``, 60 arrays a call."""
+
+    def update(self, values: Sequence[mx.nd.NDArray], decay: float) -> None:
+        values = [self._in_place(value) for value in values]
+        shadows = [self.shadows[name] for name in self.names]
+        for start in range(0, len(shadows), MULTI_TENSOR_LIMIT):
+            chunk = slice(start, start + MULTI_TENSOR_LIMIT)
+            pairs = [array for pair in zip(shadows[chunk], values[chunk]) for array in pair]
+            count = len(pairs) // 2
+            mx.nd.multi_sgd_update(
+                *pairs,
+                lrs=(decay - 1.0,) * count,
+                wds=(-1.0,) * count,
+                rescale_grad=1.0,
+                clip_gradient=-1.0,
+                num_weights=count,
+                out=shadows[chunk],
+            )
+
+    def _in_place(self, value: mx.nd.NDArray) -> mx.nd.NDArray:
+        if value.context != self.context:
+            value = value.as_in_context(self.context)
+        return value if np.dtype(value.dtype) == self.dtype else value.astype(self.dtype)
+
+
+def update_group_for(
+    names: Sequence[str], initial_values: Sequence[mx.nd.NDArray], dtype: np.dtype
+) -> UpdateGroup:
+    """The update group suited to the shadows' dtype and context."""
+    if not is_floating(dtype):
+        return CopyUpdateGroup(names, initial_values, dtype)
+    if initial_values[0].context.device_type == "cpu":
+        return CpuUpdateGroup(names, initial_values, dtype)
+    return MultiTensorUpdateGroup(names, initial_values, dtype)
+
+
+def group_key(value: mx.nd.NDArray, dtype: np.dtype) -> Tuple[str, int, str]:
+    """Shadows sharing a context and a dtype share a group."""
+    return (value.context.device_type, value.context.device_id, np.dtype(dtype).name)
