@@ -12,12 +12,14 @@ import logging
 import math
 import os
 import tempfile
-from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Union
 
 import mxnet as mx
 import numpy as np
 
 from .parameters import averaging_dtype, is_floating
+from .params_files import ParamsFileReader, ParamsFormatError
+from .update_kernels import ZeroCopyView, add_scaled_view, scale_view
 
 __all__ = [
     "AVERAGED_MODEL_NAME",
@@ -35,6 +37,7 @@ __all__ = [
 logger = logging.getLogger("gluonts.modavg_plugin.checkpoints")
 
 EPOCH_INFO_SUFFIX = "-epoch-info.json"
+ArrayLike = Union[mx.nd.NDArray, np.ndarray]
 AVERAGED_MODEL_NAME = "averaged_model-0000.params"
 
 
@@ -96,6 +99,19 @@ def load_params(path: str) -> Dict[str, mx.nd.NDArray]:
     return loaded
 
 
+def read_params(reader: ParamsFileReader, path: str) -> Mapping[str, ArrayLike]:
+    """Arrays of a ``.params`` file as views of ``reader``'s buffer (``mx.nd.load`` for rarer layouts)."""
+    if not os.path.isfile(path):
+        raise CheckpointError(f"checkpoint file {path} does not exist")
+    try:
+        arrays = reader.read(path)
+    except ParamsFormatError as error:
+        raise CheckpointError(f"checkpoint file {path} is not a readable .params file ({error})") from None
+    except OSError as error:
+        raise CheckpointError(f"checkpoint file {path} cannot be read ({error})") from None
+    return arrays if arrays is not None else load_params(path)
+
+
 def read_checkpoint_records(folder: str) -> List[Dict[str, Any]]:
     """Every readable ``*-epoch-info.json`` record in ``folder``.
 
@@ -142,60 +158,84 @@ def check_weights(weights: Sequence[float], count: int) -> List[float]:
     return weights
 
 
-class WeightedSum:
-    """Running weighted sum of named arrays, kept in float32 or wider.
+def host_array(value: ArrayLike) -> np.ndarray:
+    """A NumPy array of ``value``: zero-copy for CPU NDArrays (keep ``value`` alive while using it)."""
+    if isinstance(value, np.ndarray):
+        return value
+    if value.context.device_type == "cpu" and value.stype == "default":
+        return ZeroCopyView().read(value).reshape(value.shape)
+    return value.asnumpy()  # sparse or on another device: a dense host copy
 
-    Floating arrays are summed; integer arrays are copied from the first
-    source added (the best-ranked checkpoint when sources come sorted).
+
+class WeightedSum:
+    """Running weighted sum of named arrays, on the host, in float32 or wider, updated in place.
+
+    Floating arrays are summed (BLAS ``axpy``); integer arrays are copied from
+    the first source added (the best-ranked checkpoint when sources come
+    sorted). Memory: one copy of the sums, whatever the number of sources.
     """
 
     def __init__(self) -> None:
-        self._sums: Dict[str, mx.nd.NDArray] = {}
+        self._sums: Dict[str, np.ndarray] = {}
         self._dtypes: Dict[str, np.dtype] = {}
         self._first_source = ""
         self.total_weight = 0.0
 
-    def add(self, arrays: Mapping[str, mx.nd.NDArray], weight: float, source: str) -> None:
-        """Add ``weight * arrays``; keys and shapes must match the first source."""
+    def add(self, arrays: Mapping[str, ArrayLike], weight: float, source: str) -> None:
+        """Add ``weight * arrays`` (NDArrays or NumPy arrays); keys and shapes must match the first source."""
         if not self._sums:
             self._start(arrays, weight, source)
         else:
             self._check_matches(arrays, source)
             for name, total in self._sums.items():
                 if is_floating(self._dtypes[name]):
-                    total += weight * arrays[name].astype(total.dtype, copy=False)
+                    add_scaled_view(total.reshape(-1), host_array(arrays[name]).reshape(-1), weight)
         self.total_weight += weight
 
-    def _start(self, arrays: Mapping[str, mx.nd.NDArray], weight: float, source: str) -> None:
+    def _start(self, arrays: Mapping[str, ArrayLike], weight: float, source: str) -> None:
         self._first_source = source
         for name, array in arrays.items():
-            self._dtypes[name] = np.dtype(array.dtype)
-            if is_floating(array.dtype):
-                self._sums[name] = weight * array.astype(averaging_dtype(array.dtype))
+            value = host_array(array)
+            self._dtypes[name] = np.dtype(value.dtype)
+            if is_floating(value.dtype):
+                self._sums[name] = np.multiply(value, weight, dtype=averaging_dtype(value.dtype))
             else:
-                self._sums[name] = array.copy()
+                self._sums[name] = value.copy()
 
-    def _check_matches(self, arrays: Mapping[str, mx.nd.NDArray], source: str) -> None:
+    def _check_matches(self, arrays: Mapping[str, ArrayLike], source: str) -> None:
         missing = sorted(set(self._sums) - set(arrays))
         extra = sorted(set(arrays) - set(self._sums))
         if missing or extra:
             key, where = (missing[0], f"missing from {source}") if missing else (extra[0], f"only in {source}")
             raise CheckpointError(f"parameter {key!r} is {where}, not in {self._first_source}")
         for name, total in self._sums.items():
-            if tuple(arrays[name].shape) != tuple(total.shape):
+            if tuple(arrays[name].shape) != total.shape:
                 raise CheckpointError(
                     f"parameter {name!r} has shape {tuple(arrays[name].shape)} in {source} "
-                    f"but {tuple(total.shape)} in {self._first_source}"
+                    f"but {total.shape} in {self._first_source}"
                 )
 
-    def average(self) -> Dict[str, mx.nd.NDArray]:
-        """The weighted mean, in each array's original dtype."""
+    def average(self, context: Optional[mx.Context] = None) -> Dict[str, mx.nd.NDArray]:
+        """The weighted mean as NDArrays in each array's original dtype (on ``context``, default CPU).
+
+        Hands the sums over one at a time, so memory does not double: call it once, last.
+        """
         if not self._sums:
             raise ValueError("nothing to average: no arrays were added")
-        return {
-            name: (total / self.total_weight).astype(self._dtypes[name]) if is_floating(self._dtypes[name]) else total
-            for name, total in self._sums.items()
-        }
+        averaged: Dict[str, mx.nd.NDArray] = {}
+        for name in list(self._sums):
+            total = self._sums.pop(name)
+            if is_floating(self._dtypes[name]):
+                scale_view(total.reshape(-1), 1.0 / self.total_weight)
+            averaged[name] = self._as_ndarray(total, self._dtypes[name], context or mx.cpu())
+        return averaged
+
+    @staticmethod
+    def _as_ndarray(total: np.ndarray, dtype: np.dtype, context: mx.Context) -> mx.nd.NDArray:
+        """Zero-copy when possible (the sum becomes read-only), else a cast copy."""
+        if total.dtype == dtype and context.device_type == "cpu" and total.flags.c_contiguous:
+            return mx.nd.from_numpy(total, zero_copy=True)
+        return mx.nd.array(total, ctx=context, dtype=dtype)
 
 
 def average_arrays(arrays: Sequence[mx.nd.NDArray], weights: Sequence[float]) -> mx.nd.NDArray:
@@ -209,7 +249,7 @@ def average_arrays(arrays: Sequence[mx.nd.NDArray], weights: Sequence[float]) ->
     total = WeightedSum()
     for index, (array, weight) in enumerate(zip(arrays, weights)):
         total.add({"array": array}, weight, f"array {index}")
-    return total.average()["array"]
+    return total.average(arrays[0].context)["array"]
 
 
 def average_checkpoint_files(paths: Sequence[str], weights: Sequence[float]) -> Dict[str, mx.nd.NDArray]:
@@ -223,15 +263,18 @@ def average_checkpoint_files(paths: Sequence[str], weights: Sequence[float]) -> 
         raise CheckpointError("no checkpoint files to average")
     weights = check_weights(weights, len(paths))
     total = WeightedSum()
+    reader = ParamsFileReader()
     skipped: List[str] = []
     for path, weight in zip(paths, weights):
         try:
-            arrays = load_params(path)
+            arrays = read_params(reader, path)
         except CheckpointError as error:
             logger.warning("skipping %s", error)
             skipped.append(path)
             continue
         total.add(arrays, weight, path)
+        del arrays  # free this checkpoint before the next one is read
     if total.total_weight <= 0:
         raise CheckpointError(f"no usable checkpoint among {len(paths)}: unreadable {', '.join(skipped)}")
+    del reader  # the read buffer goes before the result is built
     return total.average()

@@ -21,6 +21,7 @@ memory under its engine; BLAS does the arithmetic.
 """
 
 import ctypes
+import functools
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import mxnet as mx
@@ -31,6 +32,8 @@ from scipy.linalg import blas
 from .parameters import is_floating
 
 __all__ = [
+    "add_scaled_view",
+    "scale_view",
     "CopyUpdateGroup",
     "CpuUpdateGroup",
     "MULTI_TENSOR_LIMIT",
@@ -87,6 +90,41 @@ class ZeroCopyView:
         return self._view
 
 
+@functools.lru_cache(maxsize=None)
+def blas_functions(dtype: np.dtype):
+    """BLAS ``scal`` (``x *= a``) and ``axpy`` (``y += a * x``) for ``dtype``."""
+    return blas.get_blas_funcs(("scal", "axpy"), dtype=np.dtype(dtype))
+
+
+def scale_in_place(scal, target: np.ndarray, factor: float) -> None:
+    """``target *= factor`` on a contiguous 1-D view, really in place."""
+    scaled = scal(factor, target)
+    if scaled is not target:  # the BLAS wrappers work in place on contiguous arrays; never rely on it silently
+        target[...] = scaled
+
+
+def axpy_in_place(axpy, target: np.ndarray, value: np.ndarray, weight: float) -> None:
+    """``target += weight * value`` on contiguous 1-D views, really in place."""
+    summed = axpy(value, target, a=weight)
+    if summed is not target:
+        target[...] = summed
+
+
+def add_scaled_view(target: np.ndarray, value: np.ndarray, weight: float) -> None:
+    """In place on flat NumPy arrays: ``target += weight * value`` (BLAS when the dtypes agree)."""
+    if value.dtype != target.dtype:
+        target += weight * value.astype(target.dtype)
+        return
+    _, axpy = blas_functions(target.dtype)
+    axpy_in_place(axpy, target, value, weight)
+
+
+def scale_view(target: np.ndarray, factor: float) -> None:
+    """In place on a flat NumPy array: ``target *= factor`` (BLAS)."""
+    scal, _ = blas_functions(target.dtype)
+    scale_in_place(scal, target, factor)
+
+
 class UpdateGroup:
     """Shadows of one context and dtype, in one flat buffer, and their update.
 
@@ -140,7 +178,7 @@ class CpuUpdateGroup(UpdateGroup):
 
     def __init__(self, names: Sequence[str], initial_values: Sequence[mx.nd.NDArray], dtype: np.dtype) -> None:
         super().__init__(names, initial_values, dtype)
-        self._scale, self._axpy = blas.get_blas_funcs(("scal", "axpy"), dtype=self.dtype)
+        self._scale, self._axpy = blas_functions(self.dtype)
         self._sizes = [int(value.size) for value in initial_values]
         self._value_views = [ZeroCopyView() for _ in self.names]
         self._flat_view = ZeroCopyView()
@@ -152,10 +190,8 @@ class CpuUpdateGroup(UpdateGroup):
         rest = 1.0 - decay
         for value, start, size in zip(views, self.offsets, self._sizes):
             shadow = flat[start : start + size]
-            scaled = self._scale(decay, shadow)
-            summed = self._axpy(value, scaled, a=rest)
-            if summed is not shadow:  # BLAS wrappers work in place on contiguous arrays; never rely on it silently
-                shadow[...] = summed
+            scale_in_place(self._scale, shadow, decay)
+            axpy_in_place(self._axpy, shadow, value, rest)
 
 
 class MultiTensorUpdateGroup(UpdateGroup):
