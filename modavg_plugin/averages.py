@@ -1,12 +1,14 @@
 """Moving averages of Gluon parameters: update maths, shadows, swap and state.
 
-The update maths are small pure functions (:func:`exponential_decay`,
-:func:`exponential_update`); :class:`MovingAverage` is the stateful object
-that owns one *shadow* per parameter and swaps it in and out of the network.
+The decay schedule is a small pure function (:func:`exponential_decay`); the
+in-place update kernels live in :mod:`modavg_plugin.update_kernels`;
+:class:`MovingAverage` is the stateful object that owns one *shadow* per
+parameter and swaps it in and out of the network.
 
 Shadows live on the context of the parameter's first device copy (the GPU
-when training runs there) and are float32 for float16 parameters (float64
-stays float64). Integer parameters are copied, not averaged.
+when training runs there), one flat buffer per context and dtype, and are
+float32 for float16 parameters (float64 stays float64). Integer parameters
+are copied, not averaged.
 """
 
 import contextlib
@@ -17,7 +19,7 @@ from typing import Any, Dict, Iterable, Iterator, List, Mapping, Optional, Tuple
 import mxnet as mx
 import numpy as np
 
-from .parameters import NamedParameters, averaging_dtype, device_copies, is_floating, named_parameters, write_into_parameters
+from .parameters import NamedParameters, averaging_dtype, device_copies, named_parameters, write_into_parameters
 from .registry import ConfigurationError, Registrable
 from .update_kernels import UpdateGroup, group_key, update_group_for
 
@@ -26,7 +28,6 @@ __all__ = [
     "MovingAverage",
     "check_exponential_arguments",
     "exponential_decay",
-    "exponential_update",
 ]
 
 logger = logging.getLogger("gluonts.modavg_plugin.averages")
@@ -45,17 +46,6 @@ def exponential_decay(
     if isinstance(num_updates, bool) or not isinstance(num_updates, (int, np.integer)) or num_updates < 0:
         raise ValueError(f"num_updates must be an integer >= 0 or None, got {num_updates!r}")
     return min(decay, (numerator + num_updates) / (denominator + num_updates))
-
-
-def exponential_update(shadow: mx.nd.NDArray, value: mx.nd.NDArray, decay: float) -> None:
-    """In place: ``shadow = decay * shadow + (1 - decay) * value`` (integers: ``shadow = value``)."""
-    if not is_floating(shadow.dtype):
-        value.copyto(shadow)
-        return
-    if value.dtype != shadow.dtype or value.context != shadow.context:
-        value = value.as_in_context(shadow.context).astype(shadow.dtype, copy=False)
-    shadow *= decay
-    shadow += (1.0 - decay) * value
 
 
 def _check_unit_interval(name: str, value: float) -> None:

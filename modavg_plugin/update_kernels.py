@@ -22,7 +22,7 @@ memory under its engine; BLAS does the arithmetic.
 
 import ctypes
 import functools
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, Optional, Sequence, Tuple
 
 import mxnet as mx
 import numpy as np
@@ -44,7 +44,6 @@ __all__ = [
 
 MULTI_TENSOR_LIMIT = 60
 """Most weights ``multi_sgd_update`` takes in one call (61 aborts the process)."""
-
 
 
 def wait_to_write(array: mx.nd.NDArray) -> None:
@@ -142,23 +141,14 @@ class UpdateGroup:
         self.names = list(names)
         self.dtype = np.dtype(dtype)
         self.context = initial_values[0].context
-        sizes = [int(value.size) for value in initial_values]
-        self.order = self.layout(initial_values)
-        self.offsets = [0] * len(sizes)
-        offset = 0
-        for index in self.order:
-            self.offsets[index] = offset
-            offset += sizes[index]
-        self.flat = mx.nd.zeros((max(offset, 1),), ctx=self.context, dtype=self.dtype)
+        self.sizes = [int(value.size) for value in initial_values]
+        self.offsets = [sum(self.sizes[:index]) for index in range(len(self.sizes))]
+        self.flat = mx.nd.zeros((max(sum(self.sizes), 1),), ctx=self.context, dtype=self.dtype)
         self.shadows: Dict[str, mx.nd.NDArray] = {}
-        for name, value, start, size in zip(self.names, initial_values, self.offsets, sizes):
+        for name, value, start, size in zip(self.names, initial_values, self.offsets, self.sizes):
             shadow = self.flat[start : start + size].reshape(value.shape)
             value.copyto(shadow)
             self.shadows[name] = shadow
-
-    def layout(self, initial_values: Sequence[mx.nd.NDArray]) -> List[int]:
-        """Order of the shadows in the flat buffer (indices into ``names``)."""
-        return list(range(len(initial_values)))
 
     def update(self, values: Sequence[mx.nd.NDArray], decay: float) -> None:
         """``shadow = decay * shadow + (1 - decay) * value`` for every shadow, in place."""
@@ -179,7 +169,6 @@ class CpuUpdateGroup(UpdateGroup):
     def __init__(self, names: Sequence[str], initial_values: Sequence[mx.nd.NDArray], dtype: np.dtype) -> None:
         super().__init__(names, initial_values, dtype)
         self._scale, self._axpy = blas_functions(self.dtype)
-        self._sizes = [int(value.size) for value in initial_values]
         self._value_views = [ZeroCopyView() for _ in self.names]
         self._flat_view = ZeroCopyView()
 
@@ -188,7 +177,7 @@ class CpuUpdateGroup(UpdateGroup):
         views = [view.read(value) for view, value in zip(self._value_views, values)]
         flat = self._flat_view.write(self.flat)
         rest = 1.0 - decay
-        for value, start, size in zip(views, self.offsets, self._sizes):
+        for value, start, size in zip(views, self.offsets, self.sizes):
             shadow = flat[start : start + size]
             scale_in_place(self._scale, shadow, decay)
             axpy_in_place(self._axpy, shadow, value, rest)
@@ -198,7 +187,7 @@ class MultiTensorUpdateGroup(UpdateGroup):
     """Shadows on GPU (or any context) updated with ``multi_sgd_update``, 60 arrays a call."""
 
     def update(self, values: Sequence[mx.nd.NDArray], decay: float) -> None:
-        values = [self._in_place(value) for value in values]
+        values = [self._like_shadows(value) for value in values]
         shadows = [self.shadows[name] for name in self.names]
         for start in range(0, len(shadows), MULTI_TENSOR_LIMIT):
             chunk = slice(start, start + MULTI_TENSOR_LIMIT)
@@ -214,7 +203,8 @@ class MultiTensorUpdateGroup(UpdateGroup):
                 out=shadows[chunk],
             )
 
-    def _in_place(self, value: mx.nd.NDArray) -> mx.nd.NDArray:
+    def _like_shadows(self, value: mx.nd.NDArray) -> mx.nd.NDArray:
+        """``value`` on the shadows' context, in their dtype."""
         if value.context != self.context:
             value = value.as_in_context(self.context)
         return value if np.dtype(value.dtype) == self.dtype else value.astype(self.dtype)

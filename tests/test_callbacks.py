@@ -13,7 +13,7 @@ from gluonts.core import serde
 from gluonts.dataset.common import ListDataset
 from gluonts.mx import SimpleFeedForwardEstimator, Trainer
 from gluonts.mx.trainer.callback import Callback
-from numpy.testing import assert_allclose, assert_array_equal
+from numpy.testing import assert_allclose
 
 from modavg_plugin import (
     AveragingCallback,

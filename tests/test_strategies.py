@@ -151,8 +151,8 @@ def test_mismatched_keys_and_shapes_are_named(tmp_path):
 
 
 def test_truncated_file_is_skipped_with_a_warning_and_the_rest_averaged(tmp_path, caplog):
-    good = write_checkpoint(tmp_path, 0, 1.0, {"w": [2.0]})
-    other = write_checkpoint(tmp_path, 1, 2.0, {"w": [4.0]})
+    write_checkpoint(tmp_path, 0, 1.0, {"w": [2.0]})
+    write_checkpoint(tmp_path, 1, 2.0, {"w": [4.0]})
     broken = write_checkpoint(tmp_path, 2, 0.5, {"w": [100.0]})
     with open(broken, "r+b") as file:
         file.truncate(20)
