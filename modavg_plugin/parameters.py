@@ -6,7 +6,7 @@ throws away optimiser state or raises. Values are copied into the arrays the
 parameter already owns instead.
 """
 
-from typing import Dict, Iterable, List, Mapping, Tuple
+from typing import Iterable, List, Mapping, Tuple
 
 import mxnet as mx
 import numpy as np
@@ -90,8 +90,3 @@ def write_into_parameters(values: Mapping[str, mx.nd.NDArray], parameters: Named
     for name, parameter in parameters:
         for copy in device_copies(name, parameter):
             values[name].copyto(copy)
-
-
-def snapshot(parameters: NamedParameters) -> Dict[str, np.ndarray]:
-    """NumPy copies of the first device copy of each parameter (for tests and reports)."""
-    return {name: device_copies(name, parameter)[0].asnumpy() for name, parameter in parameters}
