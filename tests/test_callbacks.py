@@ -244,3 +244,25 @@ def test_bad_callback_configs_are_refused(config, message):
 
 def test_registered_callbacks():
     assert AveragingCallback.list_available() == ["exponential", "checkpoints"]
+
+
+def test_shadows_start_from_weights_set_by_a_later_callback_at_initialisation():
+    """Like GluonTS's WarmStart listed after ours: the EMA must start from the weights it writes."""
+
+    class ConstantStart(Callback):
+        def on_network_initializing_end(self, training_network, **kwargs) -> None:
+            for parameter in training_network.collect_params().values():
+                parameter.data()[:] = 0.25
+
+    callback = ExponentialAveragingCallback(decay=0.9)
+    probe = Probe()
+    mx.random.seed(7)
+    estimator = SimpleFeedForwardEstimator(
+        prediction_length=4,
+        context_length=8,
+        num_hidden_dimensions=[6],
+        trainer=Trainer(epochs=1, num_batches_per_epoch=3, learning_rate=1e-2, callbacks=[callback, ConstantStart(), probe]),
+    )
+    estimator.train(dataset())
+    assert all(np.all(value == 0.25) for value in probe.raw_after_step[0].values())
+    assert_weights_close(read_weights(probe.network), independent_ema(probe.raw_after_step, 0.9, 3))
