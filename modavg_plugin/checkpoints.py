@@ -12,7 +12,7 @@ import logging
 import math
 import os
 import tempfile
-from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Union
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import mxnet as mx
 import numpy as np
@@ -170,64 +170,81 @@ def host_array(value: ArrayLike) -> np.ndarray:
 class WeightedSum:
     """Running weighted sum of named arrays, on the host, in float32 or wider, updated in place.
 
-    Floating arrays are summed (BLAS ``axpy``); integer arrays are copied from
-    the first source added (the best-ranked checkpoint when sources come
-    sorted). Memory: one copy of the sums, whatever the number of sources.
+    Floating arrays are summed (BLAS ``axpy``) in one flat buffer per
+    summing dtype; integer arrays are copied from the first source added (the
+    best-ranked checkpoint when sources come sorted). Memory: one copy of the
+    sums, whatever the number of sources.
     """
 
     def __init__(self) -> None:
-        self._sums: Dict[str, np.ndarray] = {}
+        self._flats: Dict[np.dtype, np.ndarray] = {}
+        self._places: Dict[str, Tuple[np.dtype, int, int]] = {}  # name -> (flat dtype, start, stop)
+        self._integers: Dict[str, np.ndarray] = {}
         self._dtypes: Dict[str, np.dtype] = {}
+        self._shapes: Dict[str, Tuple[int, ...]] = {}
         self._first_source = ""
         self.total_weight = 0.0
 
     def add(self, arrays: Mapping[str, ArrayLike], weight: float, source: str) -> None:
         """Add ``weight * arrays`` (NDArrays or NumPy arrays); keys and shapes must match the first source."""
-        if not self._sums:
+        if not self._shapes:
             self._start(arrays, weight, source)
         else:
             self._check_matches(arrays, source)
-            for name, total in self._sums.items():
-                if is_floating(self._dtypes[name]):
-                    add_scaled_view(total.reshape(-1), host_array(arrays[name]).reshape(-1), weight)
+            for name, (flat_dtype, start, stop) in self._places.items():
+                add_scaled_view(self._flats[flat_dtype][start:stop], host_array(arrays[name]).reshape(-1), weight)
         self.total_weight += weight
 
     def _start(self, arrays: Mapping[str, ArrayLike], weight: float, source: str) -> None:
         self._first_source = source
-        for name, array in arrays.items():
-            value = host_array(array)
-            self._dtypes[name] = np.dtype(value.dtype)
-            if is_floating(value.dtype):
-                self._sums[name] = np.multiply(value, weight, dtype=averaging_dtype(value.dtype))
-            else:
-                self._sums[name] = value.copy()
+        values = {name: host_array(array) for name, array in arrays.items()}
+        sizes: Dict[np.dtype, int] = {}
+        for name, value in values.items():
+            self._dtypes[name], self._shapes[name] = np.dtype(value.dtype), tuple(value.shape)
+            if not is_floating(value.dtype):
+                self._integers[name] = value.copy()
+                continue
+            flat_dtype = averaging_dtype(value.dtype)
+            start = sizes.get(flat_dtype, 0)
+            self._places[name] = (flat_dtype, start, start + value.size)
+            sizes[flat_dtype] = start + value.size
+        self._flats = {flat_dtype: np.empty(size, dtype=flat_dtype) for flat_dtype, size in sizes.items()}
+        for name, (flat_dtype, start, stop) in self._places.items():
+            np.multiply(values[name].reshape(-1), weight, out=self._flats[flat_dtype][start:stop], casting="same_kind")
 
     def _check_matches(self, arrays: Mapping[str, ArrayLike], source: str) -> None:
-        missing = sorted(set(self._sums) - set(arrays))
-        extra = sorted(set(arrays) - set(self._sums))
+        missing = sorted(set(self._shapes) - set(arrays))
+        extra = sorted(set(arrays) - set(self._shapes))
         if missing or extra:
             key, where = (missing[0], f"missing from {source}") if missing else (extra[0], f"only in {source}")
             raise CheckpointError(f"parameter {key!r} is {where}, not in {self._first_source}")
-        for name, total in self._sums.items():
-            if tuple(arrays[name].shape) != total.shape:
+        for name, shape in self._shapes.items():
+            if tuple(arrays[name].shape) != shape:
                 raise CheckpointError(
                     f"parameter {name!r} has shape {tuple(arrays[name].shape)} in {source} "
-                    f"but {total.shape} in {self._first_source}"
+                    f"but {shape} in {self._first_source}"
                 )
 
     def average(self, context: Optional[mx.Context] = None) -> Dict[str, mx.nd.NDArray]:
         """The weighted mean as NDArrays in each array's original dtype (on ``context``, default CPU).
 
-        Hands the sums over one at a time, so memory does not double: call it once, last.
+        The sums are divided in place and handed over without copying where
+        the dtype and context allow: call it once, last.
         """
-        if not self._sums:
+        if not self._shapes:
             raise ValueError("nothing to average: no arrays were added")
+        context = context or mx.cpu()
+        for flat in self._flats.values():
+            scale_view(flat, 1.0 / self.total_weight)
         averaged: Dict[str, mx.nd.NDArray] = {}
-        for name in list(self._sums):
-            total = self._sums.pop(name)
-            if is_floating(self._dtypes[name]):
-                scale_view(total.reshape(-1), 1.0 / self.total_weight)
-            averaged[name] = self._as_ndarray(total, self._dtypes[name], context or mx.cpu())
+        for name, shape in self._shapes.items():
+            if name in self._integers:
+                total = self._integers[name]
+            else:
+                flat_dtype, start, stop = self._places[name]
+                total = self._flats[flat_dtype][start:stop].reshape(shape)
+            averaged[name] = self._as_ndarray(total, self._dtypes[name], context)
+        self._flats, self._integers = {}, {}
         return averaged
 
     @staticmethod

@@ -19,7 +19,7 @@ import math
 import mmap
 import os
 import struct
-from typing import Dict, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 
@@ -92,11 +92,40 @@ class _Cursor:
         return layout.unpack_from(self.data, self.take(layout.size))
 
 
+class _Layout:
+    """Where a parsed file's arrays lie, and its structure bytes (everything but the values).
+
+    A later file of the same size whose structure bytes are identical (the
+    next checkpoint of the same model) has its arrays at the same offsets, so
+    it needs no parsing.
+    """
+
+    def __init__(self, data: memoryview, placed: List[Tuple[str, np.ndarray, int]]) -> None:
+        self.size = len(data)
+        self.entries = [(name, array.dtype, array.shape, start, array.size) for name, array, start in placed]
+        self.structure: List[Tuple[int, int, bytes]] = []
+        position = 0
+        for _, array, start in sorted(placed, key=lambda entry: entry[2]):
+            self.structure.append((position, start, bytes(data[position:start])))
+            position = start + array.nbytes
+        self.structure.append((position, self.size, bytes(data[position : self.size])))
+
+    def matches(self, data: memoryview) -> bool:
+        return len(data) == self.size and all(data[start:stop] == blob for start, stop, blob in self.structure)
+
+    def arrays(self, data: memoryview) -> Dict[str, np.ndarray]:
+        return {
+            name: np.frombuffer(data, dtype=dtype, count=count, offset=start).reshape(shape)
+            for name, dtype, shape, start, count in self.entries
+        }
+
+
 class ParamsFileReader:
     """Reads ``.params`` files; the arrays returned are views valid until the next read."""
 
     def __init__(self) -> None:
         self._buffer: mmap.mmap = _new_buffer(mmap.PAGESIZE)
+        self._layout: Optional[_Layout] = None
 
     def read(self, path: str) -> Optional[Dict[str, np.ndarray]]:
         """Name -> NumPy view of every array in ``path``; ``None`` for layouts left to ``mx.nd.load``.
@@ -109,8 +138,11 @@ class ParamsFileReader:
             The file cannot be read.
         """
         data = self._read_bytes(path)
+        if self._layout is not None and self._layout.matches(data):
+            return self._layout.arrays(data)
         try:
-            return self._parse(data)
+            arrays, self._layout = self._parse(data)
+            return arrays
         except UnsupportedLayout:
             return None
         except (struct.error, UnicodeDecodeError) as error:
@@ -130,21 +162,23 @@ class ParamsFileReader:
                 done += count
         return view
 
-    def _parse(self, data: memoryview) -> Dict[str, np.ndarray]:
+    def _parse(self, data: memoryview) -> Tuple[Dict[str, np.ndarray], "_Layout"]:
         cursor = _Cursor(data)
         magic, _reserved, count = cursor.unpack(LIST_HEADER)
         if magic != LIST_MAGIC:
             raise ParamsFormatError(f"not an MXNet .params file (magic {magic:#x}, expected {LIST_MAGIC:#x})")
-        arrays = [self._parse_array(cursor) for _ in range(count)]
+        placed = [self._parse_array(cursor) for _ in range(count)]
+        arrays = [array for array, _ in placed]
         (name_count,) = cursor.unpack(COUNT)
         if name_count != count:
             raise UnsupportedLayout()  # unnamed arrays: let mx.nd.load report them
         names = [bytes(data[cursor.take(cursor.unpack(COUNT)[0]) : cursor.position]).decode() for _ in range(count)]
         if cursor.position != len(data):
             raise ParamsFormatError(f"{len(data) - cursor.position} unexpected bytes after the last name")
-        return dict(zip(names, arrays))
+        layout = _Layout(data, [(name, array, start) for name, (array, start) in zip(names, placed)])
+        return dict(zip(names, arrays)), layout
 
-    def _parse_array(self, cursor: _Cursor) -> np.ndarray:
+    def _parse_array(self, cursor: _Cursor) -> Tuple[np.ndarray, int]:
         magic, storage, ndim = cursor.unpack(ARRAY_HEADER)
         if magic != ARRAY_MAGIC_V2 or storage != DENSE_STORAGE or ndim <= 0:
             raise UnsupportedLayout()  # other versions, sparse arrays, empty and V3 scalar arrays
@@ -157,4 +191,4 @@ class ParamsFileReader:
         dtype = np.dtype(DTYPE_FLAGS[flag])
         count = math.prod(shape)
         start = cursor.take(count * dtype.itemsize)
-        return np.frombuffer(cursor.data, dtype=dtype, count=count, offset=start).reshape(shape)
+        return np.frombuffer(cursor.data, dtype=dtype, count=count, offset=start).reshape(shape), start

@@ -104,3 +104,23 @@ def test_unreadable_file_error_names_it(tmp_path):
     open(path, "wb").write(b"\x12\x01" + b"\x00" * 6)
     with pytest.raises(CheckpointError, match=r"no usable checkpoint.*a\.params"):
         average_checkpoint_files([path], [1.0])
+
+
+def test_cached_layout_reads_the_next_checkpoint_of_the_same_model(tmp_path):
+    reader = ParamsFileReader()
+    first = save(tmp_path / "a.params", {"weight": mx.nd.full((3, 2), 1.0), "bias": mx.nd.full((2,), 2.0)})
+    second = save(tmp_path / "b.params", {"weight": mx.nd.full((3, 2), 5.0), "bias": mx.nd.full((2,), 6.0)})
+    reader.read(first)
+    read = reader.read(second)
+    assert reader._layout.matches(memoryview(open(second, "rb").read()))
+    assert_array_equal(read["weight"], np.full((3, 2), 5.0))
+    assert_array_equal(read["bias"], np.full((2,), 6.0))
+
+
+def test_same_size_but_other_structure_is_parsed_again(tmp_path):
+    reader = ParamsFileReader()
+    reader.read(save(tmp_path / "a.params", {"weight": mx.nd.ones((3, 2)), "bias": mx.nd.ones((2,))}))
+    renamed = save(tmp_path / "b.params", {"weight": mx.nd.ones((3, 2)), "bia2": mx.nd.full((2,), 9.0)})
+    reshaped = save(tmp_path / "c.params", {"weight": mx.nd.full((2, 3), 4.0), "bias": mx.nd.ones((2,))})
+    assert sorted(reader.read(renamed)) == ["bia2", "weight"]
+    assert reader.read(reshaped)["weight"].shape == (2, 3)
