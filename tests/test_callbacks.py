@@ -4,7 +4,7 @@ import glob
 import json
 import logging
 import os
-from typing import Dict, List
+from typing import Dict, List, Sequence
 
 import mxnet as mx
 import numpy as np
@@ -68,16 +68,24 @@ def dataset() -> ListDataset:
     return ListDataset([{"start": "2021-01-01", "target": target} for target in series], freq="D")
 
 
-def train(callback: Callback, with_validation: bool = True, epochs: int = 4, batches: int = 3) -> Probe:
+def train(
+    callback: Callback,
+    with_validation: bool = True,
+    epochs: int = 4,
+    batches: int = 3,
+    extra_callbacks: Sequence[Callback] = (),
+) -> Probe:
+    """A tiny SimpleFeedForward run with ``callback``, then ``extra_callbacks``, then a probe."""
     probe = Probe()
     mx.random.seed(7)
     np.random.seed(7)
+    callbacks = [callback, *extra_callbacks, probe]
     estimator = SimpleFeedForwardEstimator(
         prediction_length=4,
         context_length=8,
         num_hidden_dimensions=[6],
         batch_size=8,
-        trainer=Trainer(epochs=epochs, num_batches_per_epoch=batches, learning_rate=1e-2, callbacks=[callback, probe]),
+        trainer=Trainer(epochs=epochs, num_batches_per_epoch=batches, learning_rate=1e-2, callbacks=callbacks),
     )
     data = dataset()
     estimator.train(data, validation_data=data if with_validation else None)
@@ -152,15 +160,7 @@ def test_files_stay_bounded_during_training(tmp_path):
     callback = ExponentialAveragingCallback(
         decay=0.9, avg_strategy=SelectNBestMean(num_models=2), checkpoint_dir=str(tmp_path)
     )
-    probe = Probe()
-    mx.random.seed(0)
-    estimator = SimpleFeedForwardEstimator(
-        prediction_length=4,
-        context_length=8,
-        num_hidden_dimensions=[6],
-        trainer=Trainer(epochs=5, num_batches_per_epoch=2, callbacks=[callback, Counter(), probe]),
-    )
-    estimator.train(dataset())
+    train(callback, with_validation=False, epochs=5, batches=2, extra_callbacks=[Counter()])
     assert seen == [1, 2, 2, 2, 2]
 
 
@@ -255,14 +255,6 @@ def test_shadows_start_from_weights_set_by_a_later_callback_at_initialisation():
                 parameter.data()[:] = 0.25
 
     callback = ExponentialAveragingCallback(decay=0.9)
-    probe = Probe()
-    mx.random.seed(7)
-    estimator = SimpleFeedForwardEstimator(
-        prediction_length=4,
-        context_length=8,
-        num_hidden_dimensions=[6],
-        trainer=Trainer(epochs=1, num_batches_per_epoch=3, learning_rate=1e-2, callbacks=[callback, ConstantStart(), probe]),
-    )
-    estimator.train(dataset())
+    probe = train(callback, with_validation=False, epochs=1, batches=3, extra_callbacks=[ConstantStart()])
     assert all(np.all(value == 0.25) for value in probe.raw_after_step[0].values())
     assert_weights_close(read_weights(probe.network), independent_ema(probe.raw_after_step, 0.9, 3))
