@@ -24,13 +24,9 @@ RESULTS_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results
 
 def machine() -> Dict[str, Any]:
     """What the numbers were measured on."""
-    model = next(
-        (line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
-        platform.processor(),
-    )
     return {
         "date": datetime.date.today().isoformat(),
-        "cpu": model,
+        "cpu": checkpoint_averaging.processor_name(),
         "cores": os.cpu_count(),
         "python": platform.python_version(),
         "mxnet": mx.__version__,
