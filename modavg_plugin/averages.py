@@ -94,22 +94,14 @@ class MovingAverage(Registrable):
 
     def _new_update_groups(self) -> List[UpdateGroup]:
         """Shadows grouped by context and dtype, each group in one flat buffer."""
-        members: Dict[Tuple[str, int, str], List[Tuple[str, mx.gluon.Parameter]]] = {}
+        members: Dict[Tuple[str, int, str], List[Tuple[str, mx.nd.NDArray]]] = {}
         for name, parameter in self._parameters:
             first = device_copies(name, parameter)[0]
-            members.setdefault(group_key(first, averaging_dtype(first.dtype)), []).append((name, parameter))
+            members.setdefault(group_key(first, averaging_dtype(first.dtype)), []).append((name, first))
         return [
-            update_group_for(
-                [name for name, _ in pairs],
-                [self._first_copy(name, parameter) for name, parameter in pairs],
-                averaging_dtype(self._first_copy(*pairs[0]).dtype),
-            )
+            update_group_for([name for name, _ in pairs], [first for _, first in pairs], averaging_dtype(pairs[0][1].dtype))
             for pairs in members.values()
         ]
-
-    @staticmethod
-    def _first_copy(name: str, parameter: mx.gluon.Parameter) -> mx.nd.NDArray:
-        return device_copies(name, parameter)[0]
 
     def _update_shadows(self, decay: float) -> None:
         """``shadow = decay * shadow + (1 - decay) * param`` for every shadow (fast paths)."""
