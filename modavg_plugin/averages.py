@@ -19,7 +19,7 @@ from typing import Any, Dict, Iterable, Iterator, List, Mapping, Optional, Tuple
 import mxnet as mx
 import numpy as np
 
-from .parameters import NamedParameters, averaging_dtype, device_copies, named_parameters, write_into_parameters
+from .parameters import NamedParameters, ParameterLike, averaging_dtype, device_copies, named_parameters, write_into_parameters
 from .registry import ConfigurationError, Registrable
 from .update_kernels import UpdateGroup, group_key, update_group_for
 
@@ -80,7 +80,7 @@ class MovingAverage(Registrable):
 
     default_implementation = "exponential"
 
-    def __init__(self, parameters: Iterable[Tuple[str, mx.gluon.Parameter]]) -> None:
+    def __init__(self, parameters: Iterable[Tuple[str, ParameterLike]]) -> None:
         self._parameters: NamedParameters = named_parameters(parameters)
         self._groups = self._new_update_groups()
         by_name = dict(self._parameters)
@@ -236,7 +236,7 @@ class ExponentialMovingAverage(MovingAverage):
 
     def __init__(
         self,
-        parameters: Iterable[Tuple[str, mx.gluon.Parameter]],
+        parameters: Iterable[Tuple[str, ParameterLike]],
         decay: float = 0.9999,
         numerator: float = 1.0,
         denominator: float = 10.0,

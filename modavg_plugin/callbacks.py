@@ -11,17 +11,14 @@ Hooks take ``**kwargs``: GluonTS has renamed hook arguments between versions.
 """
 
 import logging
-import os
-import shutil
-import tempfile
-from typing import Any, Dict, List, Mapping, Optional
+from typing import Any, Mapping, Optional
 
 import mxnet as mx
 from gluonts.core.component import validated
 from gluonts.mx.trainer.model_averaging import ModelAveraging
 
 from .averages import ExponentialMovingAverage, check_exponential_arguments
-from .checkpoints import save_epoch_info, save_params
+from .checkpoint_log import CheckpointLog
 from .parameters import NamedParameters, device_copies, named_parameters, write_into_parameters
 from .registry import ConfigurationError, Registrable
 from .strategies import AveragingStrategy
@@ -62,16 +59,13 @@ class AveragingCallback(Registrable, ModelAveraging):
         self.avg_strategy = avg_strategy
         self.checkpoint_dir = checkpoint_dir
         self._parameters: NamedParameters = []
-        self._records: List[Dict[str, Any]] = []
-        self._folder: Optional[str] = None
-        self._owns_folder = False
+        self._checkpoints = CheckpointLog(avg_strategy, checkpoint_dir)
 
     # Hooks ------------------------------------------------------------------
 
     def on_train_start(self, max_epochs: int = 0, **kwargs: Any) -> None:
         """Start a run: forget the checkpoints of any earlier run."""
-        self._close_folder()
-        self._records = []
+        self._checkpoints.close()
 
     def on_network_initializing_end(self, training_network: mx.gluon.HybridBlock, **kwargs: Any) -> None:
         """Track the network's parameters (all of ``collect_params()``)."""
@@ -79,7 +73,9 @@ class AveragingCallback(Registrable, ModelAveraging):
 
     def on_epoch_end(self, epoch_no: int, epoch_loss: float, **kwargs: Any) -> bool:
         """Save this epoch's weights and record; prune what cannot be selected."""
-        self._save_checkpoint(int(epoch_no), float(epoch_loss), self.epoch_weights())
+        epoch_no, score = int(epoch_no), float(epoch_loss)
+        self._checkpoints.save(f"epoch-{epoch_no:04d}", epoch_no, {RECORDED_METRIC: score}, self.epoch_weights())
+        logger.info("epoch %d: saved averaged weights, %s %.6g", epoch_no, RECORDED_METRIC, score)
         return True
 
     def on_train_end(self, training_network: Optional[mx.gluon.HybridBlock] = None, **kwargs: Any) -> None:
@@ -87,7 +83,7 @@ class AveragingCallback(Registrable, ModelAveraging):
         try:
             self.finish_training()
         finally:
-            self._close_folder()
+            self._checkpoints.close()
 
     # What subclasses decide -------------------------------------------------
 
@@ -99,68 +95,17 @@ class AveragingCallback(Registrable, ModelAveraging):
         """Put the final weights into the network (called by :meth:`on_train_end`)."""
         raise NotImplementedError
 
-    # Checkpoints ------------------------------------------------------------
-
-    def _open_folder(self) -> str:
-        if self._folder is None:
-            if self.checkpoint_dir is None:
-                self._folder, self._owns_folder = tempfile.mkdtemp(prefix="modavg-"), True
-            else:
-                os.makedirs(self.checkpoint_dir, exist_ok=True)
-                self._folder, self._owns_folder = self.checkpoint_dir, False
-        return self._folder
-
-    def _close_folder(self) -> None:
-        if self._folder is not None and self._owns_folder:
-            shutil.rmtree(self._folder, ignore_errors=True)
-        self._folder = None
-
-    def _save_checkpoint(self, epoch_no: int, score: float, weights: Mapping[str, mx.nd.NDArray]) -> None:
-        base = os.path.join(self._open_folder(), f"epoch-{epoch_no:04d}")
-        save_params(f"{base}.params", weights)
-        record = {"params_path": os.path.basename(f"{base}.params"), "epoch_no": epoch_no, RECORDED_METRIC: score}
-        save_epoch_info(base, record)
-        self._records.append({**record, "params_path": f"{base}.params", "info_path": f"{base}-epoch-info.json"})
-        logger.info("epoch %d: saved averaged weights, %s %.6g", epoch_no, RECORDED_METRIC, score)
-        self._prune()
-
-    def _kept_paths(self) -> List[str]:
-        if self.avg_strategy is not None:
-            ranked = self._ranked_records()
-            if ranked:
-                return [str(record["params_path"]) for record in ranked[: self.avg_strategy.num_models]]
-        return [self._records[-1]["params_path"]]
-
-    def _ranked_records(self) -> List[Mapping[str, Any]]:
-        try:
-            return list(self.avg_strategy.rank_checkpoints(self._records)) if self.avg_strategy else []
-        except ValueError:
-            return []
-
-    def _prune(self) -> None:
-        kept = set(self._kept_paths())
-        for record in [record for record in self._records if record["params_path"] not in kept]:
-            for path in (record["params_path"], record["info_path"]):
-                if os.path.exists(path):
-                    os.remove(path)
-            self._records.remove(record)
-
     def assign_checkpoint_average(self, fallback: str) -> bool:
         """Write the strategy's average of the kept checkpoints into the network.
 
         Returns ``False``, with the reason logged, when that fails; the
         network then keeps ``fallback`` (it is not touched).
         """
-        try:
-            paths, weights = self.avg_strategy.select_checkpoints(self._records)
-            averaged = self.avg_strategy.average(paths, weights)
+
+        def write(averaged: Mapping[str, mx.nd.NDArray]) -> None:
             write_into_parameters(averaged, self._parameters, "the averaged checkpoints")
-        except Exception as error:  # broad on purpose: hours of training must not be lost here
-            logger.error("checkpoint averaging failed, the network keeps %s: %s", fallback, error)
-            return False
-        summary = ", ".join(f"{os.path.basename(path)}: {weight:.3f}" for path, weight in zip(paths, weights))
-        logger.info("the network holds the average of %d checkpoints (%s)", len(paths), summary)
-        return True
+
+        return self._checkpoints.assign_average(write, fallback)
 
 
 @AveragingCallback.register("checkpoints")
@@ -186,7 +131,7 @@ class CheckpointAveragingCallback(AveragingCallback):
         return {name: device_copies(name, parameter)[0] for name, parameter in self._parameters}
 
     def finish_training(self) -> None:
-        if self._records:
+        if self._checkpoints.records:
             self.assign_checkpoint_average(fallback="its last raw weights")
 
 
@@ -278,7 +223,7 @@ class ExponentialAveragingCallback(AveragingCallback):
         if self.moving_average is None:
             return
         self.moving_average.restore()
-        if self.avg_strategy is not None and self._records:
+        if self.avg_strategy is not None and self._checkpoints.records:
             if self.assign_checkpoint_average(fallback="the final moving average"):
                 return
         self.moving_average.keep_average_value()

@@ -6,12 +6,13 @@ throws away optimiser state or raises. Values are copied into the arrays the
 parameter already owns instead.
 """
 
-from typing import Iterable, List, Mapping, Tuple
+from typing import Callable, Iterable, List, Mapping, Sequence, Tuple, Union
 
 import mxnet as mx
 import numpy as np
 
 __all__ = [
+    "DeviceArrays",
     "NamedParameters",
     "averaging_dtype",
     "check_compatible",
@@ -21,18 +22,47 @@ __all__ = [
     "write_into_parameters",
 ]
 
-NamedParameters = List[Tuple[str, mx.gluon.Parameter]]
+class DeviceArrays:
+    """The device copies of an array that is not a Gluon ``Parameter``, e.g. a Module's executor arrays.
+
+    Offers what the averages use of a ``Parameter``: ``list_data()``,
+    ``shape`` and ``dtype``.
+
+    Parameters
+    ----------
+    source
+        Returns the current device copies (first copy first). It is called on
+        every use, so arrays the host re-creates are followed.
+    """
+
+    def __init__(self, source: Callable[[], Sequence[mx.nd.NDArray]]) -> None:
+        self._source = source
+
+    def list_data(self) -> List[mx.nd.NDArray]:
+        return list(self._source())
+
+    @property
+    def shape(self) -> Tuple[int, ...]:
+        return tuple(self._source()[0].shape)
+
+    @property
+    def dtype(self) -> np.dtype:
+        return np.dtype(self._source()[0].dtype)
 
 
-def named_parameters(parameters: Iterable[Tuple[str, mx.gluon.Parameter]]) -> NamedParameters:
+ParameterLike = Union[mx.gluon.Parameter, DeviceArrays]
+NamedParameters = List[Tuple[str, ParameterLike]]
+
+
+def named_parameters(parameters: Iterable[Tuple[str, ParameterLike]]) -> NamedParameters:
     """Materialise ``(name, Parameter)`` pairs, refusing duplicates and uninitialised ones."""
     pairs = list(parameters)
     seen = set()
     for pair in pairs:
-        if not (isinstance(pair, tuple) and len(pair) == 2 and isinstance(pair[1], mx.gluon.Parameter)):
+        if not (isinstance(pair, tuple) and len(pair) == 2 and isinstance(pair[1], (mx.gluon.Parameter, DeviceArrays))):
             raise TypeError(
-                "parameters must be (name, mx.gluon.Parameter) pairs, e.g. net.collect_params().items(); "
-                f"got {pair!r}"
+                "parameters must be (name, mx.gluon.Parameter) pairs, e.g. net.collect_params().items(), "
+                f"or (name, DeviceArrays) pairs; got {pair!r}"
             )
         name, parameter = pair
         if name in seen:
@@ -42,7 +72,7 @@ def named_parameters(parameters: Iterable[Tuple[str, mx.gluon.Parameter]]) -> Na
     return pairs
 
 
-def device_copies(name: str, parameter: mx.gluon.Parameter) -> List[mx.nd.NDArray]:
+def device_copies(name: str, parameter: ParameterLike) -> List[mx.nd.NDArray]:
     """Every device copy of ``parameter``; a clear error if it has no data yet."""
     try:
         return parameter.list_data()

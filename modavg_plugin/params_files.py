@@ -1,10 +1,17 @@
-"""Reading MXNet ``.params`` files into NumPy views of one reused buffer.
+"""Reading MXNet ``.params`` files in small chunks through one reused buffer.
 
 ``mx.nd.load`` allocates a fresh copy of the model for every file it reads;
-averaging N checkpoints then pays N allocations and their page faults.
-:class:`ParamsFileReader` reads each file into the same buffer and returns
-views of it, so a streaming average costs little more than reading the files.
-Written by hand because no library reads this format without allocating.
+averaging N checkpoints then pays N allocations, their page faults, and a
+pass over memory that a running sum does not need. :class:`ParamsFile` reads
+only the headers of a file (where each array lies, its dtype and shape, its
+name) and then hands out each array's values in chunks of about 1 MiB, read
+into the same buffer: a chunk is summed while it is still in the CPU cache,
+and memory stays at the sum plus 1 MiB. Written by hand because no library
+reads this format without allocating.
+
+Measured here (8 files of 102.5 MB in the page cache, medians of 7 fresh
+processes): ``mx.nd.load`` of each 0.23 s; the whole file into a reused
+buffer, then ``axpy``, 0.30 s; chunks of 1 MiB with ``axpy`` 0.15 s.
 
 The layout (MXNet 1.x ``NDArray::Save``, dense arrays): ``uint64 0x112``,
 ``uint64 0``, ``uint64 count``; per array ``uint32 0xF993FAC9``,
@@ -16,15 +23,15 @@ reported as unsupported so the caller can fall back to ``mx.nd.load``.
 """
 
 import math
-import mmap
 import os
 import struct
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, Iterator, NamedTuple, Optional, Tuple
 
 import numpy as np
 
-__all__ = ["ParamsFileReader", "ParamsFormatError"]
+__all__ = ["ArrayEntry", "ParamsFile", "ParamsFileReader", "ParamsFormatError"]
 
+CHUNK_BYTES = 1 << 20  # the size of one core's L2 cache here; 4 MiB measured the same
 LIST_MAGIC = 0x112
 ARRAY_MAGIC_V2 = 0xF993FAC9
 DENSE_STORAGE = 0
@@ -58,137 +65,141 @@ class UnsupportedLayout(Exception):
     """A valid file in a layout this reader leaves to ``mx.nd.load``."""
 
 
-def _new_buffer(size: int) -> mmap.mmap:
-    """Anonymous memory for file contents, on huge pages where the kernel allows it.
+class ArrayEntry(NamedTuple):
+    """Where one array's values lie in a ``.params`` file."""
 
-    Measured here (transparent huge pages in ``madvise`` mode): reading 8 files
-    of 100 MB into a reused 4 KB-page buffer took 0.34 s, into a reused
-    huge-page buffer 0.09 s.
-    """
-    buffer = mmap.mmap(-1, max(size, 1))
-    if hasattr(mmap, "MADV_HUGEPAGE"):
-        try:
-            buffer.madvise(mmap.MADV_HUGEPAGE)
-        except OSError:
-            pass  # the kernel may refuse; 4 KB pages still work
-    return buffer
+    dtype: np.dtype
+    shape: Tuple[int, ...]
+    offset: int  # of the first value, in bytes from the start of the file
+    size: int  # number of values
 
 
-class _Cursor:
-    """Reads little-endian fields from a byte buffer, refusing to run past its end."""
+class _FileCursor:
+    """Reads little-endian fields at increasing offsets of an open file, refusing to run past its end."""
 
-    def __init__(self, data: memoryview) -> None:
-        self.data = data
+    def __init__(self, descriptor: int, size: int) -> None:
+        self.descriptor = descriptor
+        self.size = size
         self.position = 0
 
-    def take(self, size: int) -> int:
+    def skip(self, count: int) -> int:
+        """Move past ``count`` bytes; return where they start."""
         start = self.position
-        if size < 0 or start + size > len(self.data):
-            raise ParamsFormatError(f"truncated: needs {size} bytes at offset {start}, has {len(self.data) - start}")
-        self.position += size
+        if count < 0 or start + count > self.size:
+            raise ParamsFormatError(f"truncated: needs {count} bytes at offset {start}, has {self.size - start}")
+        self.position += count
         return start
 
+    def take(self, count: int) -> bytes:
+        start = self.skip(count)
+        data = os.pread(self.descriptor, count, start)
+        if len(data) != count:
+            raise ParamsFormatError(f"file shrank while being read (at offset {start})")
+        return data
+
     def unpack(self, layout: struct.Struct) -> Tuple:
-        return layout.unpack_from(self.data, self.take(layout.size))
+        return layout.unpack(self.take(layout.size))
 
 
-class _Layout:
-    """Where a parsed file's arrays lie, and its structure bytes (everything but the values).
+def _read_entries(cursor: _FileCursor) -> Dict[str, ArrayEntry]:
+    """Name -> entry of every array, in file order, from the headers alone."""
+    magic, _reserved, count = cursor.unpack(LIST_HEADER)
+    if magic != LIST_MAGIC:
+        raise ParamsFormatError(f"not an MXNet .params file (magic {magic:#x}, expected {LIST_MAGIC:#x})")
+    entries = [_read_entry(cursor) for _ in range(count)]
+    (name_count,) = cursor.unpack(COUNT)
+    if name_count != count:
+        raise UnsupportedLayout()  # unnamed arrays: let mx.nd.load report them
+    try:
+        names = [cursor.take(cursor.unpack(COUNT)[0]).decode() for _ in range(count)]
+    except UnicodeDecodeError as error:
+        raise ParamsFormatError(f"an array name is not UTF-8 ({error})") from None
+    if cursor.position != cursor.size:
+        raise ParamsFormatError(f"{cursor.size - cursor.position} unexpected bytes after the last name")
+    if len(set(names)) != len(names):
+        raise ParamsFormatError("an array name appears twice")
+    return dict(zip(names, entries))
 
-    A later file of the same size whose structure bytes are identical (the
-    next checkpoint of the same model) has its arrays at the same offsets, so
-    it needs no parsing.
+
+def _read_entry(cursor: _FileCursor) -> ArrayEntry:
+    magic, storage, ndim = cursor.unpack(ARRAY_HEADER)
+    if magic != ARRAY_MAGIC_V2 or storage != DENSE_STORAGE or ndim <= 0:
+        raise UnsupportedLayout()  # other versions, sparse arrays, empty and V3 scalar arrays
+    shape = struct.unpack(f"<{ndim}q", cursor.take(8 * ndim))
+    if min(shape) < 0:
+        raise ParamsFormatError(f"negative dimension in shape {shape}")
+    _device_type, _device_id, flag = cursor.unpack(ARRAY_FOOTER)
+    if flag not in DTYPE_FLAGS:
+        raise UnsupportedLayout()
+    dtype = np.dtype(DTYPE_FLAGS[flag])
+    size = math.prod(shape)
+    return ArrayEntry(dtype, shape, cursor.skip(size * dtype.itemsize), size)
+
+
+class ParamsFile:
+    """An open ``.params`` file: its arrays' entries (read from the headers) and their values in chunks.
+
+    Raises
+    ------
+    ParamsFormatError
+        The file is truncated, of another format, or inconsistent (checked
+        against the file's size before any value is read).
+    UnsupportedLayout
+        A valid file in a layout left to ``mx.nd.load``.
+    OSError
+        The file cannot be opened or read.
     """
 
-    def __init__(self, data: memoryview, placed: List[Tuple[str, np.ndarray, int]]) -> None:
-        self.size = len(data)
-        self.entries = [(name, array.dtype, array.shape, start, array.size) for name, array, start in placed]
-        self.structure: List[Tuple[int, int, bytes]] = []
-        position = 0
-        for _, array, start in sorted(placed, key=lambda entry: entry[2]):
-            self.structure.append((position, start, bytes(data[position:start])))
-            position = start + array.nbytes
-        self.structure.append((position, self.size, bytes(data[position : self.size])))
+    def __init__(self, path: str, buffer: np.ndarray) -> None:
+        self.path = path
+        self._buffer = buffer
+        self._file = open(path, "rb", buffering=0)
+        try:
+            self.entries = _read_entries(_FileCursor(self._file.fileno(), os.fstat(self._file.fileno()).st_size))
+        except BaseException:
+            self._file.close()
+            raise
 
-    def matches(self, data: memoryview) -> bool:
-        return len(data) == self.size and all(data[start:stop] == blob for start, stop, blob in self.structure)
+    def chunks(self, name: str) -> Iterator[Tuple[int, np.ndarray]]:
+        """``(first index, values)`` pieces of array ``name``, flat, in order.
 
-    def arrays(self, data: memoryview) -> Dict[str, np.ndarray]:
-        return {
-            name: np.frombuffer(data, dtype=dtype, count=count, offset=start).reshape(shape)
-            for name, dtype, shape, start, count in self.entries
-        }
+        Each piece is a view of the shared buffer, valid until the next one.
+        """
+        entry = self.entries[name]
+        per_chunk = max(1, len(self._buffer) // entry.dtype.itemsize)
+        for start in range(0, entry.size, per_chunk):
+            count = min(per_chunk, entry.size - start)
+            view = self._buffer[: count * entry.dtype.itemsize]
+            self._read_exactly(view, entry.offset + start * entry.dtype.itemsize)
+            yield start, view.view(entry.dtype)
+
+    def _read_exactly(self, view: np.ndarray, offset: int) -> None:
+        done = 0
+        while done < len(view):
+            count = os.preadv(self._file.fileno(), [view[done:]], offset + done)
+            if count == 0:
+                raise ParamsFormatError(f"file shrank while being read (at offset {offset + done})")
+            done += count
+
+    def close(self) -> None:
+        self._file.close()
+
+    def __enter__(self) -> "ParamsFile":
+        return self
+
+    def __exit__(self, *exception: object) -> None:
+        self.close()
 
 
 class ParamsFileReader:
-    """Reads ``.params`` files; the arrays returned are views valid until the next read."""
+    """Opens ``.params`` files that share one chunk buffer (``chunk_bytes``, default 1 MiB)."""
 
-    def __init__(self) -> None:
-        self._buffer: mmap.mmap = _new_buffer(mmap.PAGESIZE)
-        self._layout: Optional[_Layout] = None
+    def __init__(self, chunk_bytes: int = CHUNK_BYTES) -> None:
+        self._buffer = np.empty(max(chunk_bytes, 8), dtype=np.uint8)
 
-    def read(self, path: str) -> Optional[Dict[str, np.ndarray]]:
-        """Name -> NumPy view of every array in ``path``; ``None`` for layouts left to ``mx.nd.load``.
-
-        Raises
-        ------
-        ParamsFormatError
-            The file is truncated, of another format, or inconsistent.
-        OSError
-            The file cannot be read.
-        """
-        data = self._read_bytes(path)
-        if self._layout is not None and self._layout.matches(data):
-            return self._layout.arrays(data)
+    def open(self, path: str) -> Optional[ParamsFile]:
+        """The open file, or ``None`` for layouts left to ``mx.nd.load`` (see :class:`ParamsFile`)."""
         try:
-            arrays, self._layout = self._parse(data)
-            return arrays
+            return ParamsFile(path, self._buffer)
         except UnsupportedLayout:
             return None
-        except (struct.error, UnicodeDecodeError) as error:
-            raise ParamsFormatError(str(error)) from None
-
-    def _read_bytes(self, path: str) -> memoryview:
-        size = os.path.getsize(path)
-        if len(self._buffer) < size:
-            self._buffer = _new_buffer(size)  # views of the old one keep it alive until they go
-        view = memoryview(self._buffer)[:size]
-        with open(path, "rb", buffering=0) as file:
-            done = 0
-            while done < size:
-                count = file.readinto(view[done:])
-                if not count:
-                    raise ParamsFormatError(f"file shrank while being read ({done} of {size} bytes)")
-                done += count
-        return view
-
-    def _parse(self, data: memoryview) -> Tuple[Dict[str, np.ndarray], "_Layout"]:
-        cursor = _Cursor(data)
-        magic, _reserved, count = cursor.unpack(LIST_HEADER)
-        if magic != LIST_MAGIC:
-            raise ParamsFormatError(f"not an MXNet .params file (magic {magic:#x}, expected {LIST_MAGIC:#x})")
-        placed = [self._parse_array(cursor) for _ in range(count)]
-        arrays = [array for array, _ in placed]
-        (name_count,) = cursor.unpack(COUNT)
-        if name_count != count:
-            raise UnsupportedLayout()  # unnamed arrays: let mx.nd.load report them
-        names = [bytes(data[cursor.take(cursor.unpack(COUNT)[0]) : cursor.position]).decode() for _ in range(count)]
-        if cursor.position != len(data):
-            raise ParamsFormatError(f"{len(data) - cursor.position} unexpected bytes after the last name")
-        layout = _Layout(data, [(name, array, start) for name, (array, start) in zip(names, placed)])
-        return dict(zip(names, arrays)), layout
-
-    def _parse_array(self, cursor: _Cursor) -> Tuple[np.ndarray, int]:
-        magic, storage, ndim = cursor.unpack(ARRAY_HEADER)
-        if magic != ARRAY_MAGIC_V2 or storage != DENSE_STORAGE or ndim <= 0:
-            raise UnsupportedLayout()  # other versions, sparse arrays, empty and V3 scalar arrays
-        shape = struct.unpack_from(f"<{ndim}q", cursor.data, cursor.take(8 * ndim))
-        if min(shape) < 0:
-            raise ParamsFormatError(f"negative dimension in shape {shape}")
-        _device_type, _device_id, flag = cursor.unpack(ARRAY_FOOTER)
-        if flag not in DTYPE_FLAGS:
-            raise UnsupportedLayout()
-        dtype = np.dtype(DTYPE_FLAGS[flag])
-        count = math.prod(shape)
-        start = cursor.take(count * dtype.itemsize)
-        return np.frombuffer(cursor.data, dtype=dtype, count=count, offset=start).reshape(shape), start

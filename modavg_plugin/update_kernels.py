@@ -32,7 +32,6 @@ from scipy.linalg import blas
 from .parameters import is_floating
 
 __all__ = [
-    "add_scaled_view",
     "scale_view",
     "CopyUpdateGroup",
     "CpuUpdateGroup",
@@ -107,15 +106,6 @@ def axpy_in_place(axpy, target: np.ndarray, value: np.ndarray, weight: float) ->
     summed = axpy(value, target, a=weight)
     if summed is not target:
         target[...] = summed
-
-
-def add_scaled_view(target: np.ndarray, value: np.ndarray, weight: float) -> None:
-    """In place on flat NumPy arrays: ``target += weight * value`` (BLAS when the dtypes agree)."""
-    if value.dtype != target.dtype:
-        target += weight * value.astype(target.dtype)
-        return
-    _, axpy = blas_functions(target.dtype)
-    axpy_in_place(axpy, target, value, weight)
 
 
 def scale_view(target: np.ndarray, factor: float) -> None:

@@ -31,3 +31,11 @@ def test_gluon_loop_quick(capsys):
     assert all(math.isfinite(error) for error in errors.values())
     assert errors["last iterate"] != errors["EMA (decay 0.99)"]
     assert "held-out MSE" in capsys.readouterr().out
+
+
+def test_module_example_quick(capsys):
+    outcome = load_example("module_digits").main(["--quick"])
+    results = outcome["results"][0]
+    assert list(results) == ["last iterate", "EMA (decay 0.99)", "mean of 3 best epoch EMAs"]
+    assert all(0.0 <= accuracy <= 1.0 for accuracy in results.values())
+    assert "scikit-learn digits" in capsys.readouterr().out

@@ -1,5 +1,6 @@
-"""The buffer-reusing .params reader agrees with mx.nd.load and refuses broken files cleanly."""
+"""The chunked .params reader agrees with mx.nd.load and refuses broken files before reading values."""
 
+import os
 import struct
 
 import mxnet as mx
@@ -7,7 +8,7 @@ import numpy as np
 import pytest
 from numpy.testing import assert_allclose, assert_array_equal
 
-from modavg_plugin.checkpoints import CheckpointError, average_checkpoint_files
+from modavg_plugin.checkpoints import CheckpointError, WeightedSum, average_checkpoint_files, read_array_names
 from modavg_plugin.params_files import ParamsFileReader, ParamsFormatError
 
 DTYPES = ["float32", "float16", "float64", "int32", "int64", "uint8", "int8"]
@@ -16,6 +17,18 @@ DTYPES = ["float32", "float16", "float64", "int32", "int64", "uint8", "int8"]
 def save(path, arrays) -> str:
     mx.nd.save(str(path), arrays)
     return str(path)
+
+
+def read_whole(reader: ParamsFileReader, path: str) -> dict:
+    """Every array of ``path``, assembled from the reader's chunks."""
+    with reader.open(path) as params_file:
+        arrays = {}
+        for name, entry in params_file.entries.items():
+            pieces = [(start, values.copy()) for start, values in params_file.chunks(name)]
+            assert [start for start, _ in pieces] == sorted(start for start, _ in pieces), name
+            flat = np.concatenate([values for _, values in pieces]) if pieces else np.empty(0, entry.dtype)
+            arrays[name] = flat.reshape(entry.shape)
+        return arrays
 
 
 def mixed_arrays() -> dict:
@@ -27,24 +40,29 @@ def mixed_arrays() -> dict:
     }
 
 
-def test_reader_matches_mx_nd_load(tmp_path):
+@pytest.mark.parametrize("chunk_bytes", [8, 24, 1 << 20])
+def test_reader_matches_mx_nd_load(tmp_path, chunk_bytes):
     path = save(tmp_path / "a.params", mixed_arrays())
     expected = mx.nd.load(path)
-    read = ParamsFileReader().read(path)
+    read = read_whole(ParamsFileReader(chunk_bytes=chunk_bytes), path)
     assert list(read) == list(expected)
     for name, array in expected.items():
         assert read[name].dtype == array.dtype and read[name].shape == array.shape, name
         assert_array_equal(read[name], array.asnumpy(), err_msg=name)
 
 
-def test_reader_reuses_one_buffer_for_files_of_equal_size(tmp_path):
-    reader = ParamsFileReader()
-    paths = [save(tmp_path / f"{index}.params", {"w": mx.nd.full((1000,), index)}) for index in range(3)]
-    reader.read(paths[0])
-    buffer = reader._buffer
-    for index, path in enumerate(paths):
-        assert reader.read(path)["w"][0] == index
-    assert reader._buffer is buffer
+def test_chunks_are_views_of_one_small_buffer(tmp_path):
+    reader = ParamsFileReader(chunk_bytes=64)
+    path = save(tmp_path / "a.params", {"w": mx.nd.arange(100)})
+    with reader.open(path) as params_file:
+        pieces = [(start, values.size, values.base is not None) for start, values in params_file.chunks("w")]
+    assert pieces == [(0, 16, True), (16, 16, True), (32, 16, True), (48, 16, True), (64, 16, True),
+                      (80, 16, True), (96, 4, True)]  # fmt: skip
+
+
+def test_array_names_come_from_the_headers(tmp_path):
+    path = save(tmp_path / "a.params", {"arg:fc_weight": mx.nd.ones((2, 2)), "aux:bn_moving_mean": mx.nd.ones(2)})
+    assert read_array_names(path) == list(mx.nd.load(path))
 
 
 @pytest.mark.parametrize("keep", [0, 7, 16, 30, 60, -5, -1])
@@ -53,13 +71,13 @@ def test_truncated_files_are_refused(tmp_path, keep):
     data = open(path, "rb").read()
     open(path, "wb").write(data[:keep] if keep >= 0 else data[: len(data) + keep])
     with pytest.raises(ParamsFormatError):
-        ParamsFileReader().read(path)
+        ParamsFileReader().open(path)
 
 
 def test_foreign_file_is_refused(tmp_path):
     (tmp_path / "text.params").write_text("these are not the weights you are looking for" * 10)
     with pytest.raises(ParamsFormatError, match="not an MXNet .params file"):
-        ParamsFileReader().read(str(tmp_path / "text.params"))
+        ParamsFileReader().open(str(tmp_path / "text.params"))
 
 
 def test_absurd_declared_size_is_refused_without_allocating_it(tmp_path):
@@ -69,13 +87,13 @@ def test_absurd_declared_size_is_refused_without_allocating_it(tmp_path):
     struct.pack_into("<q", data, dims_offset, 1 << 40)
     open(path, "wb").write(bytes(data))
     with pytest.raises(ParamsFormatError, match="truncated"):
-        ParamsFileReader().read(path)
+        ParamsFileReader().open(path)
 
 
 def test_sparse_files_are_left_to_mx_nd_load_and_averaged_correctly(tmp_path):
     dense = save(tmp_path / "dense.params", {"w": mx.nd.array([[1.0, 2.0], [3.0, 4.0]])})
     sparse = save(tmp_path / "sparse.params", {"w": mx.nd.array([[3.0, 0.0], [0.0, 0.0]]).tostype("row_sparse")})
-    assert ParamsFileReader().read(sparse) is None
+    assert ParamsFileReader().open(sparse) is None
     averaged = average_checkpoint_files([dense, sparse], [0.5, 0.5])
     assert_allclose(averaged["w"].asnumpy(), [[2.0, 1.0], [1.5, 2.0]])
 
@@ -106,21 +124,27 @@ def test_unreadable_file_error_names_it(tmp_path):
         average_checkpoint_files([path], [1.0])
 
 
-def test_cached_layout_reads_the_next_checkpoint_of_the_same_model(tmp_path):
-    reader = ParamsFileReader()
-    first = save(tmp_path / "a.params", {"weight": mx.nd.full((3, 2), 1.0), "bias": mx.nd.full((2,), 2.0)})
-    second = save(tmp_path / "b.params", {"weight": mx.nd.full((3, 2), 5.0), "bias": mx.nd.full((2,), 6.0)})
-    reader.read(first)
-    read = reader.read(second)
-    assert reader._layout.matches(memoryview(open(second, "rb").read()))
-    assert_array_equal(read["weight"], np.full((3, 2), 5.0))
-    assert_array_equal(read["bias"], np.full((2,), 6.0))
+def test_a_file_that_shrinks_while_averaged_is_an_error_not_a_partial_sum(tmp_path, monkeypatch):
+    first = save(tmp_path / "a.params", {"w": mx.nd.ones((1000,))})
+    second = save(tmp_path / "b.params", {"w": mx.nd.ones((1000,))})
+    add_file = WeightedSum.add_file
+
+    def truncate_then_add(self, params_file, weight):
+        if params_file.path == second:  # after its headers were checked, before its values are read
+            os.truncate(second, 200)
+        add_file(self, params_file, weight)
+
+    monkeypatch.setattr(WeightedSum, "add_file", truncate_then_add)
+    with pytest.raises(CheckpointError, match=r"b\.params changed while being averaged \(file shrank"):
+        average_checkpoint_files([first, second], [0.5, 0.5])
 
 
-def test_same_size_but_other_structure_is_parsed_again(tmp_path):
-    reader = ParamsFileReader()
-    reader.read(save(tmp_path / "a.params", {"weight": mx.nd.ones((3, 2)), "bias": mx.nd.ones((2,))}))
-    renamed = save(tmp_path / "b.params", {"weight": mx.nd.ones((3, 2)), "bia2": mx.nd.full((2,), 9.0)})
-    reshaped = save(tmp_path / "c.params", {"weight": mx.nd.full((2, 3), 4.0), "bias": mx.nd.ones((2,))})
-    assert sorted(reader.read(renamed)) == ["bia2", "weight"]
-    assert reader.read(reshaped)["weight"].shape == (2, 3)
+def test_progress_is_reported_for_every_file_read_or_skipped(tmp_path, caplog):
+    good = [save(tmp_path / f"{index}.params", {"w": mx.nd.full((3,), index)}) for index in (1, 3)]
+    broken = str(tmp_path / "broken.params")
+    open(broken, "wb").write(b"\x12\x01" + b"\x00" * 6)
+    seen = []
+    averaged = average_checkpoint_files([good[0], broken, good[1]], [1.0, 1.0, 1.0], progress=seen.append)
+    assert seen == [good[0], broken, good[1]]
+    assert_allclose(averaged["w"].asnumpy(), [2.0, 2.0, 2.0])  # the broken file's weight is dropped
+    assert "broken.params" in caplog.text

@@ -33,3 +33,15 @@ def test_every_registered_name_and_argument_is_documented():
 
 def test_readme_gives_the_two_commands():
     assert "make demo" in README and "make test" in README
+
+
+def test_module_adapter_arguments_are_documented():
+    from modavg_plugin.module import ModuleAveraging
+
+    paragraph = README[README.index("`ModuleAveraging` (not a registry family") :].split("\n\n")[0]
+    for argument in inspect.signature(ModuleAveraging.__init__).parameters.values():
+        if argument.name == "self":
+            continue
+        assert f"`{argument.name}" in paragraph, argument.name
+        if argument.default not in (inspect.Parameter.empty, None):
+            assert f"{argument.name}={argument.default!r}".replace("'", '"') in paragraph, argument.name

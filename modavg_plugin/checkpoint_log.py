@@ -1,0 +1,113 @@
+"""The per-epoch checkpoints of one training run: save, record, prune, average.
+
+Shared by the GluonTS callbacks and the ``Module.fit`` adapter, which differ
+only in file names (``epoch-NNNN.params`` / ``prefix-NNNN.params``) and in
+the names inside the files (``collect_params()`` names / ``arg:`` and
+``aux:`` names). Files that ``avg_strategy`` can no longer select are deleted
+as training goes; without a strategy only the latest checkpoint is kept.
+"""
+
+import logging
+import os
+import shutil
+import tempfile
+from typing import Any, Callable, Dict, List, Mapping, Optional
+
+import mxnet as mx
+
+from .checkpoints import EPOCH_INFO_SUFFIX, save_epoch_info, save_params
+from .strategies import AveragingStrategy
+
+__all__ = ["CheckpointLog"]
+
+logger = logging.getLogger("gluonts.modavg_plugin.checkpoint_log")
+
+
+class CheckpointLog:
+    """Per-epoch checkpoints with epoch-info records in one folder.
+
+    Parameters
+    ----------
+    avg_strategy
+        Decides which checkpoints are kept and averaged; ``None`` keeps only
+        the latest.
+    folder
+        Where the files go; ``None`` uses a temporary folder removed by
+        :meth:`close`. A given folder is created if needed and kept.
+    """
+
+    def __init__(self, avg_strategy: Optional[AveragingStrategy], folder: Optional[str]) -> None:
+        self.avg_strategy = avg_strategy
+        self.records: List[Dict[str, Any]] = []
+        self._given_folder = folder
+        self._folder: Optional[str] = None
+
+    def open(self) -> str:
+        """The folder, created on first use."""
+        if self._folder is None:
+            if self._given_folder is None:
+                self._folder = tempfile.mkdtemp(prefix="modavg-")
+            else:
+                os.makedirs(self._given_folder, exist_ok=True)
+                self._folder = self._given_folder
+        return self._folder
+
+    def close(self) -> None:
+        """Forget the records; remove the folder if it is a temporary one."""
+        if self._folder is not None and self._given_folder is None:
+            shutil.rmtree(self._folder, ignore_errors=True)
+        self._folder = None
+        self.records = []
+
+    def save(self, file_stem: str, epoch_no: int, metrics: Mapping[str, float], arrays: Mapping[str, mx.nd.NDArray]) -> str:
+        """Write ``{file_stem}.params`` and its epoch info (``params_path`` relative), then prune.
+
+        Returns
+        -------
+        str
+            The path of the ``.params`` file written.
+        """
+        base = os.path.join(self.open(), file_stem)
+        params_path = f"{base}.params"
+        save_params(params_path, arrays)
+        record = {"params_path": os.path.basename(params_path), "epoch_no": epoch_no, **metrics}
+        save_epoch_info(base, record)
+        self.records.append({**record, "params_path": params_path, "info_path": f"{base}{EPOCH_INFO_SUFFIX}"})
+        self._prune()
+        return params_path
+
+    def kept_paths(self) -> List[str]:
+        """The ``.params`` files still needed: the strategy's selection, or the latest."""
+        if self.avg_strategy is not None:
+            try:
+                ranked = self.avg_strategy.rank_checkpoints(self.records)
+            except ValueError:  # no usable score yet (e.g. all NaN): keep the latest
+                ranked = []
+            if ranked:
+                return [str(record["params_path"]) for record in ranked[: self.avg_strategy.num_models]]
+        return [self.records[-1]["params_path"]] if self.records else []
+
+    def _prune(self) -> None:
+        kept = set(self.kept_paths())
+        for record in [record for record in self.records if record["params_path"] not in kept]:
+            for path in (record["params_path"], record["info_path"]):
+                if os.path.exists(path):
+                    os.remove(path)
+            self.records.remove(record)
+
+    def assign_average(self, write: Callable[[Mapping[str, mx.nd.NDArray]], None], fallback: str) -> bool:
+        """Pass the strategy's average of the kept checkpoints to ``write``.
+
+        Returns ``False``, with the reason logged, when that fails; the
+        network then keeps ``fallback`` (``write`` was not called, or failed
+        before changing anything).
+        """
+        try:
+            paths, weights = self.avg_strategy.select_checkpoints(self.records)
+            write(self.avg_strategy.average(paths, weights))
+        except Exception as error:  # broad on purpose: hours of training must not be lost here
+            logger.error("checkpoint averaging failed, the network keeps %s: %s", fallback, error)
+            return False
+        summary = ", ".join(f"{os.path.basename(path)}: {weight:.3f}" for path, weight in zip(paths, weights))
+        logger.info("the network holds the average of %d checkpoints (%s)", len(paths), summary)
+        return True

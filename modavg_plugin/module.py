@@ -1,0 +1,284 @@
+"""Averaging for MXNet's symbolic ``Module.fit``, through its callback arguments.
+
+``Module.fit`` runs, per epoch: the batches (``batch_end_callback`` after
+each update), a sync of the parameters across devices, ``epoch_end_callback``,
+then ``score(eval_data)`` which ends with ``eval_end_callback``. The adapter
+updates the moving average after each batch, swaps the averages in at the
+epoch end so that ``score`` evaluates them, and at the evaluation end saves
+the epoch's averaged checkpoint (with the validation metrics) and swaps the
+raw weights back. Without ``eval_data`` it saves at the epoch end and swaps
+nothing.
+
+``Module`` has no public access to its device arrays: ``get_params()``
+copies every parameter to the CPU (averaging over devices) on each call. The
+adapter reads the arrays the module updates in place, those of its executor
+group (``module._exec_group``); :func:`module_arrays` is the one place the
+plugin reaches into a host's private state.
+"""
+
+import logging
+import os
+from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple, Union
+
+import mxnet as mx
+
+from .averages import MovingAverage
+from .checkpoint_log import CheckpointLog
+from .checkpoints import write_atomically
+from .parameters import DeviceArrays, NamedParameters
+from .registry import ConfigurationError
+from .strategies import AveragingStrategy
+
+__all__ = ["ModuleAveraging", "module_arrays"]
+
+logger = logging.getLogger("gluonts.modavg_plugin.module")
+
+ARG_PREFIX = "arg:"
+AUX_PREFIX = "aux:"
+AUX_STATES = ("average", "copy")
+RECORDED_SCORE = "score"
+HIGHER_IS_BETTER = ("accuracy", "top_k_accuracy", "f1", "mcc", "pearsonr", "pcc")
+Config = Union[None, str, Mapping[str, Any]]
+
+
+def module_arrays(module: mx.mod.Module, include_aux: bool = True) -> NamedParameters:
+    """``("arg:NAME", arrays)`` per parameter and ``("aux:NAME", arrays)`` per auxiliary state.
+
+    Each entry follows the executor group's device copies (first device
+    first), the arrays ``Module.fit`` updates in place.
+    """
+    if not (module.binded and module.params_initialized):
+        raise ValueError("the module must be bound and its parameters initialised (Module.fit does both)")
+    group = getattr(module, "_exec_group", None)
+    if group is None or not hasattr(group, "param_arrays"):
+        raise TypeError(f"{type(module).__name__} has no executor group: ModuleAveraging supports mx.mod.Module")
+
+    def copies(kind: str, index: int) -> Callable[[], List[mx.nd.NDArray]]:
+        return lambda: getattr(module._exec_group, kind)[index]
+
+    pairs = [(ARG_PREFIX + name, DeviceArrays(copies("param_arrays", index))) for index, name in enumerate(group.param_names)]
+    if include_aux:
+        pairs += [(AUX_PREFIX + name, DeviceArrays(copies("aux_arrays", index))) for index, name in enumerate(group.aux_names)]
+    return pairs
+
+
+class ModuleAveraging:
+    """Plugs weight averaging into ``Module.fit`` through its three callback arguments.
+
+    Each epoch's averaged weights are saved as a normal Module checkpoint
+    (``{prefix}-symbol.json``, ``{prefix}-NNNN.params`` with ``arg:``/``aux:``
+    names, NNNN = epochs done, as ``mx.callback.do_checkpoint`` numbers them)
+    plus ``{prefix}-NNNN-epoch-info.json`` holding ``epoch_no``, every
+    evaluation metric by name and ``score`` (the first metric): validation
+    metrics with ``eval_data``, training metrics without. At the end
+    (:meth:`finish`), the module holds ``avg_strategy``'s average of the kept
+    checkpoints, else the moving average.
+
+    Parameters
+    ----------
+    module
+        The ``mx.mod.Module`` to train.
+    average
+        A :class:`MovingAverage` config, e.g. ``{"type": "exponential",
+        "decay": 0.999}``; ``None`` keeps no moving average (the raw weights
+        are checkpointed and, with ``avg_strategy``, averaged at the end).
+        The shadows start from the weights after the first update:
+        ``Module.fit`` initialises the parameters inside ``fit``, with no
+        hook before the first batch.
+    avg_strategy
+        An :class:`AveragingStrategy` or its config; its ``metric`` must be
+        ``"score"`` or the name of an evaluation metric.
+    checkpoint_prefix
+        E.g. ``"out/model"``; ``None`` uses a temporary folder removed by
+        :meth:`finish`.
+    aux_states
+        ``"average"``: auxiliary states (BatchNorm running mean and variance)
+        are averaged like the weights, read from the first device.
+        ``"copy"``: they are not averaged; the averaged model uses the current
+        running statistics (which ``Module.fit`` averages over the devices at
+        each epoch end).
+    """
+
+    def __init__(
+        self,
+        module: mx.mod.Module,
+        average: Config = "exponential",
+        avg_strategy: Union[None, AveragingStrategy, Mapping[str, Any], str] = None,
+        checkpoint_prefix: Optional[str] = None,
+        aux_states: str = "average",
+    ) -> None:
+        if aux_states not in AUX_STATES:
+            raise ConfigurationError(f"aux_states must be one of {list(AUX_STATES)}, got {aux_states!r}")
+        if avg_strategy is not None and not isinstance(avg_strategy, AveragingStrategy):
+            avg_strategy = AveragingStrategy.from_config(avg_strategy)
+        if average is None and avg_strategy is None:
+            raise ConfigurationError("give a moving average, an avg_strategy, or both")
+        self.module = module
+        self.average_config = average
+        self.avg_strategy = avg_strategy
+        self.aux_states = aux_states
+        self._folder, self._stem = _split_prefix(checkpoint_prefix)
+        self._checkpoints = CheckpointLog(avg_strategy, self._folder)
+        self.moving_average: Optional[MovingAverage] = None
+        self.num_updates = 0
+        self._with_validation: Optional[bool] = None
+        self._raw_arrays: Dict[str, mx.nd.NDArray] = {}
+        self._training_metric: Optional[mx.metric.EvalMetric] = None
+
+    # Wiring -------------------------------------------------------------------
+
+    def callbacks(self) -> Dict[str, Callable[..., None]]:
+        """``batch_end_callback``, ``epoch_end_callback`` and ``eval_end_callback`` for ``Module.fit``.
+
+        Put them last in each list. Call :meth:`finish` after ``fit``.
+        """
+        return {
+            "batch_end_callback": self.on_batch_end,
+            "epoch_end_callback": self.on_epoch_end,
+            "eval_end_callback": self.on_eval_end,
+        }
+
+    def fit(self, train_data: mx.io.DataIter, eval_data: Optional[mx.io.DataIter] = None, **fit_arguments: Any) -> None:
+        """``module.fit`` with the averaging callbacks after the caller's, then :meth:`finish`.
+
+        :meth:`finish` runs even when training stops with an exception
+        (e.g. Ctrl-C): the module then holds the average of what was done.
+        """
+        for argument, callback in self.callbacks().items():
+            fit_arguments[argument] = _as_list(fit_arguments.get(argument)) + [callback]
+        self._with_validation = eval_data is not None
+        try:
+            self.module.fit(train_data, eval_data=eval_data, **fit_arguments)
+        finally:
+            self.finish()
+
+    # Callbacks ----------------------------------------------------------------
+
+    def on_batch_end(self, params: mx.model.BatchEndParam) -> None:
+        """One update happened: move the average (starting it after the first)."""
+        if self._with_validation is None and params.locals is not None:
+            self._with_validation = params.locals.get("eval_data") is not None
+        self._training_metric = params.eval_metric
+        if self.average_config is None:
+            return
+        self.num_updates += 1
+        if self.moving_average is None:
+            parameters = module_arrays(self.module, include_aux=self.aux_states == "average")
+            self.moving_average = MovingAverage.from_config(self.average_config, parameters=parameters)
+        else:
+            self.moving_average.apply(num_updates=self.num_updates)
+
+    def on_epoch_end(self, epoch: int, symbol: mx.sym.Symbol, arg_params: Mapping, aux_params: Mapping) -> None:
+        """Swap the averages in for ``score``; without validation, save the epoch now."""
+        self._raw_arrays = {ARG_PREFIX + k: v for k, v in arg_params.items()}
+        self._raw_arrays.update({AUX_PREFIX + k: v for k, v in aux_params.items()})
+        if self._with_validation:
+            if self.moving_average is not None:
+                self.moving_average.assign_average_value()
+        else:
+            self._save(epoch, self._training_metric)
+
+    def on_eval_end(self, params: mx.model.BatchEndParam) -> None:
+        """Save the epoch with its validation metrics; back to the raw weights."""
+        try:
+            self._save(params.epoch, params.eval_metric)
+        finally:
+            if self.moving_average is not None:
+                self.moving_average.restore()
+
+    # Checkpoints and the end ------------------------------------------------
+
+    def _save(self, epoch: int, metric: Optional[mx.metric.EvalMetric]) -> None:
+        metrics = _metric_values(metric)
+        self._check_strategy_metric(metrics)
+        folder = self._checkpoints.open()
+        if not self._checkpoints.records:
+            symbol_path = os.path.join(folder, f"{self._stem}-symbol.json")
+            write_atomically(symbol_path, self.module.symbol.save)
+        epoch_no = int(epoch) + 1
+        path = self._checkpoints.save(f"{self._stem}-{epoch_no:04d}", epoch_no, metrics, self._epoch_arrays())
+        logger.info("epoch %d: saved %s (%s)", epoch_no, path, _describe(metrics))
+
+    def _epoch_arrays(self) -> Dict[str, mx.nd.NDArray]:
+        arrays = dict(self._raw_arrays)
+        if self.moving_average is not None:
+            arrays.update(self.moving_average.shadows)
+        return arrays
+
+    def _check_strategy_metric(self, metrics: Mapping[str, float]) -> None:
+        if self.avg_strategy is None or self._checkpoints.records:
+            return
+        name = self.avg_strategy.metric
+        if name not in metrics:
+            raise ConfigurationError(
+                f"avg_strategy.metric is {name!r}, but the evaluation records only {sorted(metrics)}"
+            )
+        measured = next(iter(metrics)) if name == RECORDED_SCORE else name
+        if measured.startswith(HIGHER_IS_BETTER) and not self.avg_strategy.maximize:
+            logger.warning(
+                "avg_strategy ranks %r (= %s) lowest first; %s is better when higher: pass maximize=True",
+                name, measured, measured,
+            )  # fmt: skip
+
+    def finish(self) -> None:
+        """Leave the final weights in the module: the strategy's average, else the moving average."""
+        try:
+            if self.moving_average is not None:
+                self.moving_average.restore()
+            if self.avg_strategy is not None and self._checkpoints.records:
+                fallback = "the moving average" if self.moving_average is not None else "its last raw weights"
+                if self._checkpoints.assign_average(self._set_module_arrays, fallback):
+                    return
+            if self.moving_average is not None:
+                self._set_module_arrays(self.moving_average.shadows)
+                logger.info("the module holds the moving average after %d updates", self.num_updates)
+        finally:
+            self._checkpoints.close()
+
+    def _set_module_arrays(self, arrays: Mapping[str, mx.nd.NDArray]) -> None:
+        """Write ``arg:``/``aux:`` arrays into the module (all devices), checking every name and shape first."""
+        arg_params, aux_params = self.module.get_params()
+        new_arg = _replaced(arg_params, arrays, ARG_PREFIX)
+        new_aux = _replaced(aux_params, arrays, AUX_PREFIX)
+        unknown = sorted(set(arrays) - {ARG_PREFIX + k for k in arg_params} - {AUX_PREFIX + k for k in aux_params})
+        if unknown:
+            raise KeyError(f"the averaged weights have {unknown[0]!r}, which the module does not have")
+        self.module.set_params(new_arg, new_aux)
+
+
+def _split_prefix(checkpoint_prefix: Optional[str]) -> Tuple[Optional[str], str]:
+    if checkpoint_prefix is None:
+        return None, "model"
+    folder, stem = os.path.split(os.path.abspath(checkpoint_prefix))
+    if not stem:
+        raise ConfigurationError(f"checkpoint_prefix {checkpoint_prefix!r} names a folder; add a file stem like 'model'")
+    return folder, stem
+
+
+def _replaced(current: Mapping[str, mx.nd.NDArray], arrays: Mapping[str, mx.nd.NDArray], prefix: str) -> Dict:
+    """``current`` with the values ``arrays`` has for it (names prefixed), shapes checked."""
+    replaced = {}
+    for name, value in current.items():
+        new = arrays.get(prefix + name, value)
+        if tuple(new.shape) != tuple(value.shape):
+            raise ValueError(f"{prefix}{name} has shape {tuple(new.shape)}, the module expects {tuple(value.shape)}")
+        replaced[name] = new
+    return replaced
+
+
+def _metric_values(metric: Optional[mx.metric.EvalMetric]) -> Dict[str, float]:
+    """``score`` (the first metric) and every metric by name."""
+    if metric is None:
+        return {}
+    values = {str(name): float(value) for name, value in metric.get_name_value()}
+    return {**values, RECORDED_SCORE: next(iter(values.values()))} if values else {}
+
+
+def _describe(metrics: Mapping[str, float]) -> str:
+    return ", ".join(f"{name} {value:.6g}" for name, value in metrics.items())
+
+
+def _as_list(callbacks: Any) -> List[Callable]:
+    if callbacks is None:
+        return []
+    return list(callbacks) if isinstance(callbacks, (list, tuple)) else [callbacks]

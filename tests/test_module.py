@@ -1,0 +1,240 @@
+"""The Module.fit adapter: EMA from the executor's arrays, averaged evaluation, Module checkpoints."""
+
+import json
+import logging
+import os
+
+import mxnet as mx
+import numpy as np
+import pytest
+from numpy.testing import assert_allclose, assert_array_equal
+
+from modavg_plugin import ConfigurationError
+from modavg_plugin.module import ModuleAveraging
+
+DECAY = 0.9
+EPOCHS = 3
+BATCH = 16
+
+
+def network() -> mx.sym.Symbol:
+    data = mx.sym.Variable("data")
+    hidden = mx.sym.FullyConnected(data, num_hidden=16, name="fc1")
+    hidden = mx.sym.BatchNorm(hidden, name="bn1")
+    hidden = mx.sym.Activation(hidden, act_type="relu")
+    output = mx.sym.FullyConnected(hidden, num_hidden=3, name="fc2")
+    return mx.sym.SoftmaxOutput(output, name="softmax")
+
+
+def data_iterator(seed: int, samples: int = 96) -> mx.io.NDArrayIter:
+    rng = np.random.RandomState(seed)
+    labels = rng.randint(0, 3, size=samples)
+    features = rng.randn(samples, 5).astype(np.float32) + labels[:, None].astype(np.float32)
+    return mx.io.NDArrayIter(features, labels.astype(np.float32), batch_size=BATCH, label_name="softmax_label")
+
+
+def new_module(contexts) -> mx.mod.Module:
+    return mx.mod.Module(network(), context=contexts)
+
+
+def fit_arguments(kvstore: str = "local") -> dict:
+    return dict(
+        num_epoch=EPOCHS,
+        optimizer="adam",
+        optimizer_params={"learning_rate": 0.05},
+        initializer=mx.init.Xavier(),
+        eval_metric="acc",
+        kvstore=kvstore,
+    )
+
+
+def executor_values(module: mx.mod.Module) -> dict:
+    """The first device's arrays, read the way an independent observer would."""
+    group = module._exec_group
+    values = {f"arg:{n}": a[0].asnumpy() for n, a in zip(group.param_names, group.param_arrays)}
+    values.update({f"aux:{n}": a[0].asnumpy() for n, a in zip(group.aux_names, group.aux_arrays)})
+    return values
+
+
+class ReferenceEma:
+    """shadow_1 = p_1; shadow_k = d_k shadow_{k-1} + (1 - d_k) p_k, d_k = min(decay, (1 + k) / (10 + k))."""
+
+    def __init__(self, module: mx.mod.Module) -> None:
+        self.module = module
+        self.steps = 0
+        self.shadows: dict = {}
+
+    def __call__(self, params) -> None:
+        self.steps += 1
+        values = executor_values(self.module)
+        if self.steps == 1:
+            self.shadows = {k: v.astype(np.float64) for k, v in values.items()}
+            return
+        decay = min(DECAY, (1 + self.steps) / (10 + self.steps))
+        for name, value in values.items():
+            self.shadows[name] = decay * self.shadows[name] + (1 - decay) * value
+
+
+class RawWeights:
+    """Records the raw arg_params Module.fit hands to epoch_end_callback."""
+
+    def __init__(self) -> None:
+        self.arg_params: dict = {}
+
+    def __call__(self, epoch, symbol, arg_params, aux_params) -> None:
+        self.arg_params = {name: value.asnumpy() for name, value in arg_params.items()}
+
+
+def seed_everything() -> None:
+    mx.random.seed(7)
+    np.random.seed(7)
+
+
+CONTEXTS = {"one device": ([mx.cpu(0)], "local"), "two devices": ([mx.cpu(0), mx.cpu(1)], "device")}
+
+
+@pytest.mark.parametrize("setting", list(CONTEXTS))
+def test_ema_follows_the_executor_arrays_and_training_is_unchanged(setting):
+    contexts, kvstore = CONTEXTS[setting]
+    seed_everything()
+    plain, plain_raw = new_module(contexts), RawWeights()
+    plain.fit(data_iterator(0), eval_data=data_iterator(1), epoch_end_callback=plain_raw, **fit_arguments(kvstore))
+
+    seed_everything()
+    module, raw = new_module(contexts), RawWeights()
+    averaging = ModuleAveraging(module, {"type": "exponential", "decay": DECAY})
+    reference = ReferenceEma(module)
+    seen_in_evaluation = []
+    callbacks = averaging.callbacks()
+    module.fit(
+        data_iterator(0),
+        eval_data=data_iterator(1),
+        batch_end_callback=[reference, callbacks["batch_end_callback"]],
+        epoch_end_callback=[raw, callbacks["epoch_end_callback"]],
+        eval_end_callback=callbacks["eval_end_callback"],
+        eval_batch_end_callback=lambda params: seen_in_evaluation.append(
+            {
+                name: (executor_values(module)[name], averaging.moving_average.shadows[name].asnumpy())
+                for name in ("arg:fc1_weight", "aux:bn1_moving_mean")
+            }
+        ),
+        **fit_arguments(kvstore),
+    )
+    assert reference.steps == EPOCHS * 6
+    shadows = averaging.moving_average.shadows
+    assert sorted(shadows) == sorted(reference.shadows)
+    for name, expected in reference.shadows.items():
+        assert_allclose(shadows[name].asnumpy(), expected, rtol=1e-5, atol=1e-6, err_msg=name)
+    # evaluation saw the averages on every batch...
+    assert len(seen_in_evaluation) == EPOCHS * 6
+    for snapshot in seen_in_evaluation:
+        for name, (in_executor, shadow) in snapshot.items():
+            assert_array_equal(in_executor, shadow, err_msg=name)
+    # ...and training went on from the raw weights, bit for bit as without the adapter
+    for name, value in plain_raw.arg_params.items():
+        assert_array_equal(raw.arg_params[name], value, err_msg=name)
+    assert not np.allclose(shadows["arg:fc1_weight"].asnumpy(), raw.arg_params["fc1_weight"])
+    averaging.finish()
+    arg_params, aux_params = module.get_params()
+    assert_array_equal(arg_params["fc2_weight"].asnumpy(), shadows["arg:fc2_weight"].asnumpy())
+    assert_array_equal(aux_params["bn1_moving_var"].asnumpy(), shadows["aux:bn1_moving_var"].asnumpy())
+    for context_index in range(len(contexts)):  # every device holds the average
+        device_weight = module._exec_group.param_arrays[0][context_index].asnumpy()
+        assert_array_equal(device_weight, shadows["arg:fc1_weight"].asnumpy())
+
+
+def test_checkpoints_are_module_checkpoints_and_the_end_is_the_strategy_average(tmp_path):
+    seed_everything()
+    module = new_module([mx.cpu()])
+    prefix = str(tmp_path / "out" / "model")
+    strategy = {"type": "mean", "num_models": 2, "metric": "accuracy", "maximize": True}
+    averaging = ModuleAveraging(module, {"type": "exponential", "decay": DECAY}, strategy, checkpoint_prefix=prefix)
+    saved = {}
+    original_save = averaging._checkpoints.save
+
+    def remember(file_stem, epoch_no, metrics, arrays):
+        saved[epoch_no] = ({k: v.asnumpy() for k, v in arrays.items()}, dict(metrics))
+        return original_save(file_stem, epoch_no, metrics, arrays)
+
+    averaging._checkpoints.save = remember
+    averaging.fit(data_iterator(0), eval_data=data_iterator(1), **fit_arguments())
+
+    assert sorted(saved) == [1, 2, 3]
+    best = sorted(saved, key=lambda epoch: (-saved[epoch][1]["accuracy"], epoch))[:2]
+    files = sorted(os.listdir(tmp_path / "out"))
+    expected_files = ["model-symbol.json"] + [f"model-{e:04d}{s}" for e in sorted(best) for s in (".params", "-epoch-info.json")]
+    assert files == sorted(expected_files)
+    for epoch in best:
+        info = json.loads((tmp_path / "out" / f"model-{epoch:04d}-epoch-info.json").read_text())
+        assert info["params_path"] == f"model-{epoch:04d}.params" and info["epoch_no"] == epoch
+        assert info["score"] == info["accuracy"] == saved[epoch][1]["accuracy"]
+        loaded = mx.mod.Module.load(prefix, epoch)
+        loaded.bind(data_shapes=[("data", (BATCH, 5))], label_shapes=[("softmax_label", (BATCH,))], for_training=False)
+        arg_params, aux_params = loaded.get_params()
+        _, checkpoint_args, checkpoint_aux = mx.model.load_checkpoint(prefix, epoch)
+        assert_array_equal(arg_params["fc1_weight"].asnumpy(), saved[epoch][0]["arg:fc1_weight"])
+        assert_array_equal(checkpoint_aux["bn1_moving_mean"].asnumpy(), saved[epoch][0]["aux:bn1_moving_mean"])
+        assert sorted(checkpoint_args) == sorted(arg_params)
+    arg_params, aux_params = module.get_params()
+    for name in ("arg:fc1_weight", "arg:fc2_bias", "aux:bn1_moving_var"):
+        expected = np.mean([saved[epoch][0][name] for epoch in best], axis=0)
+        kind, short = name.split(":")
+        actual = (arg_params if kind == "arg" else aux_params)[short].asnumpy()
+        assert_allclose(actual, expected, rtol=1e-6, atol=1e-7, err_msg=name)
+
+
+def test_without_validation_epochs_are_saved_with_training_metrics_and_nothing_is_swapped(tmp_path):
+    seed_everything()
+    module = new_module([mx.cpu()])
+    averaging = ModuleAveraging(module, checkpoint_prefix=str(tmp_path / "model"))
+    raw = RawWeights()
+    averaging.fit(data_iterator(0), epoch_end_callback=raw, **fit_arguments())
+    info = json.loads((tmp_path / "model-0003-epoch-info.json").read_text())
+    assert set(info) == {"params_path", "epoch_no", "accuracy", "score"} and info["epoch_no"] == 3
+    assert sorted(os.listdir(tmp_path)) == ["model-0003-epoch-info.json", "model-0003.params", "model-symbol.json"]
+    seed_everything()
+    plain, plain_raw = new_module([mx.cpu()]), RawWeights()
+    plain.fit(data_iterator(0), epoch_end_callback=plain_raw, **fit_arguments())
+    for name, value in plain_raw.arg_params.items():
+        assert_array_equal(raw.arg_params[name], value, err_msg=name)
+
+
+def test_aux_states_copy_leaves_running_statistics_raw():
+    seed_everything()
+    module = new_module([mx.cpu()])
+    averaging = ModuleAveraging(module, {"type": "exponential", "decay": DECAY}, aux_states="copy")
+    averaging.fit(data_iterator(0), eval_data=data_iterator(1), **fit_arguments())
+    assert not [name for name in averaging.moving_average.shadows if name.startswith("aux:")]
+    arg_params, aux_params = module.get_params()
+    assert_array_equal(arg_params["fc1_weight"].asnumpy(), averaging.moving_average.shadows["arg:fc1_weight"].asnumpy())
+    running_mean = module._exec_group.aux_arrays[0][0].asnumpy()
+    assert_array_equal(aux_params["bn1_moving_mean"].asnumpy(), running_mean)
+
+
+def test_checkpoint_averaging_without_a_moving_average_saves_raw_weights(tmp_path):
+    seed_everything()
+    module = new_module([mx.cpu()])
+    averaging = ModuleAveraging(module, None, {"type": "mean", "num_models": 3}, checkpoint_prefix=str(tmp_path / "m"))
+    raw = RawWeights()
+    averaging.fit(data_iterator(0), eval_data=data_iterator(1), epoch_end_callback=raw, **fit_arguments())
+    assert averaging.moving_average is None
+    last = mx.nd.load(str(tmp_path / "m-0003.params"))
+    assert_array_equal(last["arg:fc2_weight"].asnumpy(), raw.arg_params["fc2_weight"])
+
+
+def test_configuration_errors_name_the_culprit(caplog):
+    module = new_module([mx.cpu()])
+    with pytest.raises(ConfigurationError, match="aux_states must be one of"):
+        ModuleAveraging(module, aux_states="mean")
+    with pytest.raises(ConfigurationError, match="a moving average, an avg_strategy, or both"):
+        ModuleAveraging(module, None)
+    seed_everything()
+    averaging = ModuleAveraging(module, avg_strategy={"type": "mean", "metric": "f1"})
+    with pytest.raises(ConfigurationError, match=r"'f1', but the evaluation records only \['accuracy', 'score'\]"):
+        averaging.fit(data_iterator(0), eval_data=data_iterator(1), **fit_arguments())
+    with caplog.at_level(logging.WARNING, logger="gluonts.modavg_plugin"):
+        seed_everything()
+        ModuleAveraging(new_module([mx.cpu()]), avg_strategy="mean").fit(
+            data_iterator(0), eval_data=data_iterator(1), **fit_arguments()
+        )
+    assert "pass maximize=True" in caplog.text
