@@ -6,7 +6,9 @@ in-place update kernels live in :mod:`modavg_plugin.update_kernels`;
 parameter and swaps it in and out of the network.
 
 Shadows live on the context of the parameter's first device copy (the GPU
-when training runs there), one flat buffer per context and dtype, and are
+when training runs there), or on ``shadow_context`` when one is given (e.g.
+``mx.cpu()`` to save GPU memory, at the cost of a copy per update), one flat
+buffer per context and dtype, and are
 float32 for float16 parameters (float64 stays float64). Integer parameters
 are copied, not averaged.
 """
@@ -14,12 +16,21 @@ are copied, not averaged.
 import contextlib
 import logging
 import math
-from typing import Any, Dict, Iterable, Iterator, List, Mapping, Optional, Tuple
+from typing import Any, Dict, Iterable, Iterator, List, Mapping, Optional, Tuple, Union
 
 import mxnet as mx
 import numpy as np
 
-from .parameters import NamedParameters, ParameterLike, averaging_dtype, device_copies, named_parameters, write_into_parameters
+from .parameters import (
+    NamedParameters,
+    ParameterLike,
+    as_context,
+    averaging_dtype,
+    device_copies,
+    named_parameters,
+    readable_on,
+    write_into_parameters,
+)
 from .registry import ConfigurationError, Registrable
 from .update_kernels import UpdateGroup, group_key, update_group_for
 
@@ -76,11 +87,17 @@ class MovingAverage(Registrable):
         ``(name, mx.gluon.Parameter)`` pairs, e.g. ``net.collect_params().items()``.
         Every parameter must be initialised. Parameters with ``grad_req='null'``
         (e.g. BatchNorm running statistics) are averaged like the others.
+    shadow_context
+        Where the shadows live (an ``mx.Context`` or text such as ``"cpu"``);
+        ``None``: on each parameter's first device copy.
     """
 
     default_implementation = "exponential"
 
-    def __init__(self, parameters: Iterable[Tuple[str, ParameterLike]]) -> None:
+    def __init__(
+        self, parameters: Iterable[Tuple[str, ParameterLike]], shadow_context: Union[None, str, mx.Context] = None
+    ) -> None:
+        self.shadow_context = as_context(shadow_context)
         self._parameters: NamedParameters = named_parameters(parameters)
         self._groups = self._new_update_groups()
         by_name = dict(self._parameters)
@@ -97,6 +114,8 @@ class MovingAverage(Registrable):
         members: Dict[Tuple[str, int, str], List[Tuple[str, mx.nd.NDArray]]] = {}
         for name, parameter in self._parameters:
             first = device_copies(name, parameter)[0]
+            if self.shadow_context is not None and first.context != self.shadow_context:
+                first = first.as_in_context(self.shadow_context)
             members.setdefault(group_key(first, averaging_dtype(first.dtype)), []).append((name, first))
         return [
             update_group_for([name for name, _ in pairs], [first for _, first in pairs], averaging_dtype(pairs[0][1].dtype))
@@ -106,7 +125,7 @@ class MovingAverage(Registrable):
     def _update_shadows(self, decay: float) -> None:
         """``shadow = decay * shadow + (1 - decay) * param`` for every shadow (fast paths)."""
         for group, parameters in zip(self._groups, self._group_parameters):
-            group.update([parameter.list_data()[0] for parameter in parameters], decay)
+            group.update([readable_on(group.context, parameter.list_data()[0]) for parameter in parameters], decay)
 
     @property
     def parameters(self) -> NamedParameters:
@@ -225,6 +244,8 @@ class ExponentialMovingAverage(MovingAverage):
     numerator, denominator
         Warm-up when ``apply`` is given ``num_updates = n``:
         ``d = min(decay, (numerator + n) / (denominator + n))``.
+    shadow_context
+        Where the shadows live; ``None``: each parameter's first device copy.
 
     Examples
     --------
@@ -240,9 +261,10 @@ class ExponentialMovingAverage(MovingAverage):
         decay: float = 0.9999,
         numerator: float = 1.0,
         denominator: float = 10.0,
+        shadow_context: Union[None, str, mx.Context] = None,
     ) -> None:
         check_exponential_arguments(decay, numerator, denominator)
-        super().__init__(parameters)
+        super().__init__(parameters, shadow_context)
         self.decay = float(decay)
         self.numerator = float(numerator)
         self.denominator = float(denominator)

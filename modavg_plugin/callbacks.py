@@ -19,7 +19,7 @@ from gluonts.mx.trainer.model_averaging import ModelAveraging
 
 from .averages import ExponentialMovingAverage, check_exponential_arguments
 from .checkpoint_log import CheckpointLog
-from .parameters import NamedParameters, device_copies, named_parameters, write_into_parameters
+from .parameters import NamedParameters, as_context, device_copies, named_parameters, write_into_parameters
 from .registry import ConfigurationError, Registrable
 from .strategies import AveragingStrategy
 
@@ -153,6 +153,9 @@ class ExponentialAveragingCallback(AveragingCallback):
         Optional: average the best per-epoch EMAs at the end.
     checkpoint_dir
         Folder for the checkpoints; ``None``: a temporary one.
+    shadow_context
+        Where the shadows live, as text (``"cpu"``, ``"gpu(1)"``); ``None``:
+        the context the network trains on.
     """
 
     @validated()
@@ -163,12 +166,15 @@ class ExponentialAveragingCallback(AveragingCallback):
         denominator: float = 10.0,
         avg_strategy: Optional[AveragingStrategy] = None,
         checkpoint_dir: Optional[str] = None,
+        shadow_context: Optional[str] = None,
     ) -> None:
         check_exponential_arguments(decay, numerator, denominator)
+        as_context(shadow_context)  # refuse a bad value now, not at the first epoch
         super().__init__(avg_strategy, checkpoint_dir)
         self.decay = decay
         self.numerator = numerator
         self.denominator = denominator
+        self.shadow_context = shadow_context
         self.moving_average: Optional[ExponentialMovingAverage] = None
         self.num_updates = 0
 
@@ -184,7 +190,11 @@ class ExponentialAveragingCallback(AveragingCallback):
 
     def _start_moving_average(self) -> None:
         self.moving_average = ExponentialMovingAverage(
-            self._parameters, decay=self.decay, numerator=self.numerator, denominator=self.denominator
+            self._parameters,
+            decay=self.decay,
+            numerator=self.numerator,
+            denominator=self.denominator,
+            shadow_context=self.shadow_context,
         )
 
     def on_train_epoch_start(self, training_network: mx.gluon.HybridBlock, **kwargs: Any) -> None:

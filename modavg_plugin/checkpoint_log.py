@@ -34,10 +34,14 @@ class CheckpointLog:
     folder
         Where the files go; ``None`` uses a temporary folder removed by
         :meth:`close`. A given folder is created if needed and kept.
+    writer
+        Whether this process writes (``False`` on the workers of a
+        distributed job other than rank 0: :meth:`save` then does nothing).
     """
 
-    def __init__(self, avg_strategy: Optional[AveragingStrategy], folder: Optional[str]) -> None:
+    def __init__(self, avg_strategy: Optional[AveragingStrategy], folder: Optional[str], writer: bool = True) -> None:
         self.avg_strategy = avg_strategy
+        self.writer = writer
         self.records: List[Dict[str, Any]] = []
         self._given_folder = folder
         self._folder: Optional[str] = None
@@ -59,14 +63,18 @@ class CheckpointLog:
         self._folder = None
         self.records = []
 
-    def save(self, file_stem: str, epoch_no: int, metrics: Mapping[str, float], arrays: Mapping[str, mx.nd.NDArray]) -> str:
+    def save(
+        self, file_stem: str, epoch_no: int, metrics: Mapping[str, float], arrays: Mapping[str, mx.nd.NDArray]
+    ) -> Optional[str]:
         """Write ``{file_stem}.params`` and its epoch info (``params_path`` relative), then prune.
 
         Returns
         -------
-        str
-            The path of the ``.params`` file written.
+        Optional[str]
+            The path of the ``.params`` file written; ``None`` when not the writer.
         """
+        if not self.writer:
+            return None
         base = os.path.join(self.open(), file_stem)
         params_path = f"{base}.params"
         save_params(params_path, arrays)

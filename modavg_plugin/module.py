@@ -29,7 +29,7 @@ from .parameters import DeviceArrays, NamedParameters
 from .registry import ConfigurationError
 from .strategies import AveragingStrategy
 
-__all__ = ["ModuleAveraging", "module_arrays"]
+__all__ = ["ModuleAveraging", "broadcast_from_rank_zero", "module_arrays"]
 
 logger = logging.getLogger("gluonts.modavg_plugin.module")
 
@@ -97,6 +97,11 @@ class ModuleAveraging:
         ``"copy"``: they are not averaged; the averaged model uses the current
         running statistics (which ``Module.fit`` averages over the devices at
         each epoch end).
+    rank
+        This worker's rank in a distributed job; ``None`` reads it from the
+        module's kvstore (``dist_*`` types; 0 otherwise). Only rank 0 writes
+        checkpoints and epoch info, and :meth:`finish` sends rank 0's final
+        weights to every worker through the kvstore, so all end identical.
     """
 
     def __init__(
@@ -106,6 +111,7 @@ class ModuleAveraging:
         avg_strategy: Union[None, AveragingStrategy, Mapping[str, Any], str] = None,
         checkpoint_prefix: Optional[str] = None,
         aux_states: str = "average",
+        rank: Optional[int] = None,
     ) -> None:
         if aux_states not in AUX_STATES:
             raise ConfigurationError(f"aux_states must be one of {list(AUX_STATES)}, got {aux_states!r}")
@@ -117,6 +123,7 @@ class ModuleAveraging:
         self.average_config = average
         self.avg_strategy = avg_strategy
         self.aux_states = aux_states
+        self.rank = rank
         self._folder, self._stem = _split_prefix(checkpoint_prefix)
         self._checkpoints = CheckpointLog(avg_strategy, self._folder)
         self.moving_average: Optional[MovingAverage] = None
@@ -191,6 +198,9 @@ class ModuleAveraging:
     def _save(self, epoch: int, metric: Optional[mx.metric.EvalMetric]) -> None:
         metrics = _metric_values(metric)
         self._check_strategy_metric(metrics)
+        self._checkpoints.writer = self._rank() == 0
+        if not self._checkpoints.writer:
+            return
         folder = self._checkpoints.open()
         if not self._checkpoints.records:
             symbol_path = os.path.join(folder, f"{self._stem}-symbol.json")
@@ -221,19 +231,41 @@ class ModuleAveraging:
             )  # fmt: skip
 
     def finish(self) -> None:
-        """Leave the final weights in the module: the strategy's average, else the moving average."""
+        """Leave the final weights in the module: the strategy's average, else the moving average.
+
+        In a distributed job every worker then receives rank 0's final weights.
+        """
         try:
-            if self.moving_average is not None:
-                self.moving_average.restore()
-            if self.avg_strategy is not None and self._checkpoints.records:
-                fallback = "the moving average" if self.moving_average is not None else "its last raw weights"
-                if self._checkpoints.assign_average(self._set_module_arrays, fallback):
-                    return
-            if self.moving_average is not None:
-                self._set_module_arrays(self.moving_average.shadows)
-                logger.info("the module holds the moving average after %d updates", self.num_updates)
+            self._assign_final_weights()
+            kvstore = self._distributed_kvstore()
+            if kvstore is not None:
+                arg_params, aux_params = self.module.get_params()
+                arrays = {ARG_PREFIX + k: v for k, v in arg_params.items()}
+                arrays.update({AUX_PREFIX + k: v for k, v in aux_params.items()})
+                self._set_module_arrays(broadcast_from_rank_zero(kvstore, arrays))
         finally:
             self._checkpoints.close()
+
+    def _assign_final_weights(self) -> None:
+        if self.moving_average is not None:
+            self.moving_average.restore()
+        if self.avg_strategy is not None and self._checkpoints.records:
+            fallback = "the moving average" if self.moving_average is not None else "its last raw weights"
+            if self._checkpoints.assign_average(self._set_module_arrays, fallback):
+                return
+        if self.moving_average is not None:
+            self._set_module_arrays(self.moving_average.shadows)
+            logger.info("the module holds the moving average after %d updates", self.num_updates)
+
+    def _distributed_kvstore(self) -> Optional[mx.kvstore.KVStore]:
+        kvstore = getattr(self.module, "_kvstore", None)  # set by Module.init_optimizer; no public accessor
+        return kvstore if kvstore is not None and "dist" in kvstore.type else None
+
+    def _rank(self) -> int:
+        if self.rank is None:
+            kvstore = self._distributed_kvstore()
+            self.rank = kvstore.rank if kvstore is not None else 0
+        return self.rank
 
     def _set_module_arrays(self, arrays: Mapping[str, mx.nd.NDArray]) -> None:
         """Write ``arg:``/``aux:`` arrays into the module (all devices), checking every name and shape first."""
@@ -244,6 +276,20 @@ class ModuleAveraging:
         if unknown:
             raise KeyError(f"the averaged weights have {unknown[0]!r}, which the module does not have")
         self.module.set_params(new_arg, new_aux)
+
+
+def broadcast_from_rank_zero(kvstore: mx.kvstore.KVStore, arrays: Mapping[str, mx.nd.NDArray]) -> Dict[str, mx.nd.NDArray]:
+    """Rank 0's ``arrays`` on every worker (a collective: every worker calls it with the same names).
+
+    Uses ``KVStore.broadcast`` (init from rank 0, then pull) under keys of
+    their own, ``modavg-final:NAME``: string keys, like ``Module``'s.
+    """
+    names = sorted(arrays)
+    received = {name: arrays[name].copy() for name in names}
+    keys = [f"modavg-final:{name}" for name in names]
+    kvstore.broadcast(keys, [arrays[name] for name in names], out=[received[name] for name in names])
+    mx.nd.waitall()
+    return received
 
 
 def _split_prefix(checkpoint_prefix: Optional[str]) -> Tuple[Optional[str], str]:

@@ -6,13 +6,16 @@ throws away optimiser state or raises. Values are copied into the arrays the
 parameter already owns instead.
 """
 
-from typing import Callable, Iterable, List, Mapping, Sequence, Tuple, Union
+import re
+from typing import Callable, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
 
 import mxnet as mx
 import numpy as np
 
 __all__ = [
     "DeviceArrays",
+    "as_context",
+    "readable_on",
     "NamedParameters",
     "averaging_dtype",
     "check_compatible",
@@ -83,6 +86,28 @@ def device_copies(name: str, parameter: ParameterLike) -> List[mx.nd.NDArray]:
         ) from None
     except RuntimeError as error:
         raise ValueError(f"parameter {name!r} has no data: {error}") from None
+
+
+CONTEXT_PATTERN = re.compile(r"^(cpu|gpu|cpu_pinned|cpu_shared)(?:\((\d+)\))?$")
+HOST_DEVICE_TYPES = ("cpu", "cpu_pinned", "cpu_shared")
+
+
+def as_context(context: Union[None, str, mx.Context]) -> Optional[mx.Context]:
+    """``None``, an ``mx.Context``, or one from text such as ``"cpu"``, ``"cpu(0)"``, ``"gpu(1)"``."""
+    if context is None or isinstance(context, mx.Context):
+        return context
+    match = CONTEXT_PATTERN.match(str(context).strip()) if isinstance(context, str) else None
+    if match is None:
+        raise ValueError(f"shadow_context must be an mx.Context or text like 'cpu', 'cpu(0)', 'gpu(1)'; got {context!r}")
+    return mx.Context(match.group(1), int(match.group(2) or 0))
+
+
+def readable_on(context: mx.Context, value: mx.nd.NDArray) -> mx.nd.NDArray:
+    """``value`` itself where code on ``context`` can read it (the same context, or host memory for both), else a copy."""
+    same_memory = value.context.device_type in HOST_DEVICE_TYPES and context.device_type in HOST_DEVICE_TYPES
+    if value.context == context or same_memory:
+        return value
+    return value.as_in_context(context)
 
 
 def is_floating(dtype: object) -> bool:

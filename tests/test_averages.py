@@ -96,6 +96,25 @@ def test_assign_and_restore_touch_every_device_copy():
     assert [copy.asscalar() for copy in net.weight.list_data()] == [3.0, 3.0]
 
 
+@pytest.mark.parametrize("shadow_context", [mx.cpu(1), "cpu(1)"])
+def test_shadows_live_on_the_named_context_and_reach_every_copy(shadow_context):
+    net = scalar_network(1.0, ctx=CONTEXTS)
+    ema = ExponentialMovingAverage(net.collect_params().items(), decay=0.5, shadow_context=shadow_context)
+    assert ema.shadows[net.weight.name].context == mx.cpu(1)
+    set_everywhere(net.weight, 3.0)
+    ema.apply()  # 0.5 * 1 + 0.5 * 3
+    set_everywhere(net.weight, 7.0)
+    ema.apply()  # 0.5 * 2 + 0.5 * 7
+    with ema.average_parameters():
+        assert [copy.asscalar() for copy in net.weight.list_data()] == [4.5, 4.5]
+    assert [copy.asscalar() for copy in net.weight.list_data()] == [7.0, 7.0]
+
+
+def test_bad_shadow_context_is_refused_with_the_allowed_form():
+    with pytest.raises(ValueError, match=r"shadow_context must be an mx.Context or text like 'cpu'.*got 'tpu\(0\)'"):
+        ExponentialMovingAverage(scalar_network(1.0).collect_params().items(), shadow_context="tpu(0)")
+
+
 def test_second_assign_keeps_the_raw_weights_and_restore_is_idempotent():
     net = scalar_network(1.0)
     ema = ExponentialMovingAverage(net.collect_params().items(), decay=0.5)
