@@ -28,7 +28,7 @@ from .parameters import (
     averaging_dtype,
     device_copies,
     named_parameters,
-    readable_on,
+    readable_in_place,
     write_into_parameters,
 )
 from .registry import ConfigurationError, Registrable
@@ -102,6 +102,10 @@ class MovingAverage(Registrable):
         self._groups = self._new_update_groups()
         by_name = dict(self._parameters)
         self._group_parameters = [[by_name[name] for name in group.names] for group in self._groups]
+        self._group_copies_values = [  # decided once: contexts do not change, and the check costs 5 µs a tensor
+            not all(readable_in_place(parameter.list_data()[0].context, group.context) for parameter in parameters)
+            for group, parameters in zip(self._groups, self._group_parameters)
+        ]
         self._shadows: Dict[str, mx.nd.NDArray] = {
             name: group.shadows[name] for group in self._groups for name in group.names
         }
@@ -124,8 +128,9 @@ class MovingAverage(Registrable):
 
     def _update_shadows(self, decay: float) -> None:
         """``shadow = decay * shadow + (1 - decay) * param`` for every shadow (fast paths)."""
-        for group, parameters in zip(self._groups, self._group_parameters):
-            group.update([readable_on(group.context, parameter.list_data()[0]) for parameter in parameters], decay)
+        for group, parameters, copies in zip(self._groups, self._group_parameters, self._group_copies_values):
+            values = [parameter.list_data()[0] for parameter in parameters]
+            group.update([value.as_in_context(group.context) for value in values] if copies else values, decay)
 
     @property
     def parameters(self) -> NamedParameters:

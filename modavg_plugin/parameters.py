@@ -15,7 +15,7 @@ import numpy as np
 __all__ = [
     "DeviceArrays",
     "as_context",
-    "readable_on",
+    "readable_in_place",
     "NamedParameters",
     "averaging_dtype",
     "check_compatible",
@@ -102,12 +102,10 @@ def as_context(context: Union[None, str, mx.Context]) -> Optional[mx.Context]:
     return mx.Context(match.group(1), int(match.group(2) or 0))
 
 
-def readable_on(context: mx.Context, value: mx.nd.NDArray) -> mx.nd.NDArray:
-    """``value`` itself where code on ``context`` can read it (the same context, or host memory for both), else a copy."""
-    same_memory = value.context.device_type in HOST_DEVICE_TYPES and context.device_type in HOST_DEVICE_TYPES
-    if value.context == context or same_memory:
-        return value
-    return value.as_in_context(context)
+def readable_in_place(value_context: mx.Context, context: mx.Context) -> bool:
+    """Whether code on ``context`` reads arrays on ``value_context`` where they are (same context, or both host memory)."""
+    both_host = value_context.device_type in HOST_DEVICE_TYPES and context.device_type in HOST_DEVICE_TYPES
+    return value_context == context or both_host
 
 
 def is_floating(dtype: object) -> bool:
