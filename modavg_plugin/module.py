@@ -177,8 +177,7 @@ class ModuleAveraging:
 
     def on_epoch_end(self, epoch: int, symbol: mx.sym.Symbol, arg_params: Mapping, aux_params: Mapping) -> None:
         """Swap the averages in for ``score``; without validation, save the epoch now."""
-        self._raw_arrays = {ARG_PREFIX + k: v for k, v in arg_params.items()}
-        self._raw_arrays.update({AUX_PREFIX + k: v for k, v in aux_params.items()})
+        self._raw_arrays = checkpoint_names(arg_params, aux_params)
         if self._with_validation:
             if self.moving_average is not None:
                 self.moving_average.assign_average_value()
@@ -239,10 +238,8 @@ class ModuleAveraging:
             self._assign_final_weights()
             kvstore = self._distributed_kvstore()
             if kvstore is not None:
-                arg_params, aux_params = self.module.get_params()
-                arrays = {ARG_PREFIX + k: v for k, v in arg_params.items()}
-                arrays.update({AUX_PREFIX + k: v for k, v in aux_params.items()})
-                self._set_module_arrays(broadcast_from_rank_zero(kvstore, arrays))
+                final = checkpoint_names(*self.module.get_params())
+                self._set_module_arrays(broadcast_from_rank_zero(kvstore, final))
         finally:
             self._checkpoints.close()
 
@@ -272,10 +269,17 @@ class ModuleAveraging:
         arg_params, aux_params = self.module.get_params()
         new_arg = _replaced(arg_params, arrays, ARG_PREFIX)
         new_aux = _replaced(aux_params, arrays, AUX_PREFIX)
-        unknown = sorted(set(arrays) - {ARG_PREFIX + k for k in arg_params} - {AUX_PREFIX + k for k in aux_params})
+        unknown = sorted(set(arrays) - set(checkpoint_names(arg_params, aux_params)))
         if unknown:
             raise KeyError(f"the averaged weights have {unknown[0]!r}, which the module does not have")
         self.module.set_params(new_arg, new_aux)
+
+
+def checkpoint_names(arg_params: Mapping[str, mx.nd.NDArray], aux_params: Mapping[str, mx.nd.NDArray]) -> Dict:
+    """One mapping with Module checkpoint names: ``arg:NAME`` and ``aux:NAME``."""
+    named = {ARG_PREFIX + name: value for name, value in arg_params.items()}
+    named.update({AUX_PREFIX + name: value for name, value in aux_params.items()})
+    return named
 
 
 def broadcast_from_rank_zero(kvstore: mx.kvstore.KVStore, arrays: Mapping[str, mx.nd.NDArray]) -> Dict[str, mx.nd.NDArray]:
