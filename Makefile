@@ -15,7 +15,7 @@ $(STAMP): setup.cfg setup.py requirements/constraints.txt
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/python examples/gluonts_co2.py
+	$(BIN)/python examples/forecasting_demo.py
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q

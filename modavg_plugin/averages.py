@@ -84,12 +84,12 @@ class MovingAverage(Registrable):
     Parameters
     ----------
     parameters
-        ``(name, mx.gluon.Parameter)`` pairs, e.g. ``net.collect_params().items()``.
-        Every parameter must be initialised. Parameters with ``grad_req='null'``
-        (e.g. BatchNorm running statistics) are averaged like the others.
+        The ``(name, mx.gluon.Parameter)`` pairs to average, e.g.
+        ``net.collect_params().items()``, every one initialised; those with
+        ``grad_req='null'`` (BatchNorm running statistics) are averaged too.
     shadow_context
-        Where the shadows live (an ``mx.Context`` or text such as ``"cpu"``);
-        ``None``: on each parameter's first device copy.
+        Where the shadows live: an ``mx.Context`` or text such as ``"cpu"``,
+        ``"cpu(0)"``, ``"gpu(1)"``; ``None``: each parameter's first device copy.
     """
 
     default_implementation = "exponential"
@@ -239,18 +239,30 @@ def _as_numpy(value: Any) -> np.ndarray:
 class ExponentialMovingAverage(MovingAverage):
     """Exponential moving average: ``shadow = d * shadow + (1 - d) * param``.
 
+    Use it to evaluate and ship a smoothed version of the weights when the
+    last iterate is noisy (constant or slowly decaying learning rate, small
+    batches). It keeps one copy of the weights (float32 for float16 ones),
+    updated by each ``apply`` call; ``decay`` sets how many recent updates
+    the average spans.
+
     Parameters
     ----------
     parameters
-        ``(name, mx.gluon.Parameter)`` pairs, e.g. ``net.collect_params().items()``.
+        The ``(name, mx.gluon.Parameter)`` pairs to average, e.g.
+        ``net.collect_params().items()``, every one initialised; not part of a
+        config dict: ``from_config(config, parameters=...)``.
     decay
-        The decay ``d`` in [0, 1]; 0.9999 averages over roughly the last
-        10,000 updates.
-    numerator, denominator
-        Warm-up when ``apply`` is given ``num_updates = n``:
+        The decay ``d``, in [0, 1]: the average spans roughly the last
+        ``1 / (1 - decay)`` updates (0.9999: 10,000); 0 keeps the latest weights.
+    numerator
+        Warm-up numerator, a finite number >= 0: given ``apply(num_updates=n)``,
         ``d = min(decay, (numerator + n) / (denominator + n))``.
+    denominator
+        Warm-up denominator, a finite number > 0; the defaults start at
+        ``d = 0.1`` and reach 0.999 after about 9,000 updates.
     shadow_context
-        Where the shadows live; ``None``: each parameter's first device copy.
+        Where the shadows live: an ``mx.Context`` or text such as ``"cpu"``,
+        ``"cpu(0)"``, ``"gpu(1)"``; ``None``: each parameter's first device copy.
 
     Examples
     --------

@@ -65,6 +65,8 @@ def module_arrays(module: mx.mod.Module, include_aux: bool = True) -> NamedParam
 class ModuleAveraging:
     """Plugs weight averaging into ``Module.fit`` through its three callback arguments.
 
+    Use it with MXNet's symbolic ``Module`` API (Gluon code uses a
+    :class:`MovingAverage` directly, GluonTS's ``Trainer`` the callbacks).
     Each epoch's averaged weights are saved as a normal Module checkpoint
     (``{prefix}-symbol.json``, ``{prefix}-NNNN.params`` with ``arg:``/``aux:``
     names, NNNN = epochs done, as ``mx.callback.do_checkpoint`` numbers them)
@@ -77,31 +79,29 @@ class ModuleAveraging:
     Parameters
     ----------
     module
-        The ``mx.mod.Module`` to train.
+        The ``mx.mod.Module`` to train (``Module.fit`` binds and initialises it).
     average
-        A :class:`MovingAverage` config, e.g. ``{"type": "exponential",
-        "decay": 0.999}``; ``None`` keeps no moving average (the raw weights
-        are checkpointed and, with ``avg_strategy``, averaged at the end).
-        The shadows start from the weights after the first update:
-        ``Module.fit`` initialises the parameters inside ``fit``, with no
-        hook before the first batch.
+        A :class:`MovingAverage` config: a name, or a dict such as
+        ``{"type": "exponential", "decay": 0.999}``; ``None``: none (then
+        ``avg_strategy`` is required and averages the raw checkpoints). The
+        shadows start after the first update (``Module.fit`` has no earlier hook).
     avg_strategy
-        An :class:`AveragingStrategy` or its config; its ``metric`` must be
-        ``"score"`` or the name of an evaluation metric.
+        An :class:`AveragingStrategy` or its config, whose average of the kept
+        checkpoints the module ends with; its ``metric`` is ``"score"`` (the
+        first evaluation metric) or an evaluation metric's name; ``None``: end
+        with the moving average.
     checkpoint_prefix
-        E.g. ``"out/model"``; ``None`` uses a temporary folder removed by
-        :meth:`finish`.
+        Where the checkpoints go, a folder and a file stem such as
+        ``"out/model"`` (the folder is kept); ``None``: a temporary folder,
+        removed by :meth:`finish`.
     aux_states
-        ``"average"``: auxiliary states (BatchNorm running mean and variance)
-        are averaged like the weights, read from the first device.
-        ``"copy"``: they are not averaged; the averaged model uses the current
-        running statistics (which ``Module.fit`` averages over the devices at
-        each epoch end).
+        ``"average"``: average the auxiliary states (BatchNorm running
+        statistics) like the weights, from the first device; ``"copy"``: keep
+        the running statistics (``Module.fit`` averages them over the devices).
     rank
-        This worker's rank in a distributed job; ``None`` reads it from the
-        module's kvstore (``dist_*`` types; 0 otherwise). Only rank 0 writes
-        checkpoints and epoch info, and :meth:`finish` sends rank 0's final
-        weights to every worker through the kvstore, so all end identical.
+        This worker's rank in a distributed job, an integer >= 0; ``None``:
+        from the module's kvstore (0 unless ``dist_*``). Only rank 0 writes
+        checkpoints; :meth:`finish` gives every worker rank 0's final weights.
     """
 
     def __init__(

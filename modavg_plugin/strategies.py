@@ -44,12 +44,14 @@ class AveragingStrategy(Registrable):
     Parameters
     ----------
     num_models
-        How many checkpoints to average (an integer >= 1).
+        How many checkpoints to average, an integer >= 1 (fewer when fewer
+        have a finite ``metric``).
     metric
-        The epoch-info key to rank by (``"score"``: the validation loss when
-        validation data is given, else the training loss).
+        The epoch-info key to rank by, a non-empty string: ``"score"`` (the
+        callbacks' validation loss, else training loss; ``ModuleAveraging``'s
+        first evaluation metric) or, with ``ModuleAveraging``, a metric's name.
     maximize
-        Rank high values first (e.g. accuracy) instead of low ones (losses).
+        ``True`` ranks high values first (accuracy), ``False`` low ones (losses).
     """
 
     default_implementation = "mean"
@@ -138,7 +140,11 @@ def _is_finite_number(value: Any) -> bool:
 
 @AveragingStrategy.register("mean")
 class SelectNBestMean(AveragingStrategy):
-    """The ``num_models`` best checkpoints, equally weighted: ``w_i = 1/N``."""
+    """The ``num_models`` best checkpoints, equally weighted: ``w_i = 1/N``.
+
+    The default, and the one to start with: the weights do not depend on the
+    metric's values, so nothing needs tuning but ``num_models``.
+    """
 
     def checkpoint_weights(self, scores: Sequence[float]) -> np.ndarray:
         return np.full(len(scores), 1.0 / len(scores))
@@ -149,8 +155,10 @@ class SelectNBestSoftmax(AveragingStrategy):
     """The ``num_models`` best checkpoints, weighted by a softmax of their scores.
 
     ``w_i = exp(-v_i) / sum_j exp(-v_j)`` (``exp(v_i)`` when maximising),
-    computed stably. The weighting depends on the scale of the metric: scores
-    0.010 and 0.012 are weighted almost equally.
+    computed stably. Use it when the selected scores differ by about 1 or
+    more and better checkpoints should count more: the weighting depends on
+    the metric's scale (losses 1 and 3 get weights 0.88 and 0.12; 0.010 and
+    0.012 are weighted almost equally, as by ``"mean"``).
     """
 
     def checkpoint_weights(self, scores: Sequence[float]) -> np.ndarray:

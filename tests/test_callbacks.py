@@ -258,3 +258,49 @@ def test_shadows_start_from_weights_set_by_a_later_callback_at_initialisation():
     probe = train(callback, with_validation=False, epochs=1, batches=3, extra_callbacks=[ConstantStart()])
     assert all(np.all(value == 0.25) for value in probe.raw_after_step[0].values())
     assert_weights_close(read_weights(probe.network), independent_ema(probe.raw_after_step, 0.9, 3))
+
+
+def test_raw_validation_loss_matches_a_run_that_validates_the_raw_weights(caplog):
+    """Same seed, same raw trajectory: the checkpoints callback validates the raw weights directly."""
+    with caplog.at_level(logging.INFO, logger="gluonts.modavg_plugin.callbacks"):
+        averaged = ExponentialAveragingCallback(decay=0.9)
+        train(averaged)
+    raw = CheckpointAveragingCallback()
+    train(raw)
+    assert [entry["epoch_no"] for entry in averaged.history] == [0, 1, 2, 3]
+    assert_allclose(
+        [entry["raw_validation_loss"] for entry in averaged.history],
+        [entry["validation_loss"] for entry in raw.history],
+        rtol=1e-5,
+    )
+    assert_allclose([entry["training_loss"] for entry in averaged.history], [entry["training_loss"] for entry in raw.history], rtol=1e-6)
+    assert all(entry["validation_loss"] != entry["raw_validation_loss"] for entry in averaged.history)
+    lines = [record.getMessage() for record in caplog.records if "with the raw weights" in record.getMessage()]
+    assert len(lines) == 4
+    first = averaged.history[0]
+    assert f"{first['validation_loss']:.6g} with the moving average, {first['raw_validation_loss']:.6g}" in lines[0]
+
+
+@pytest.mark.parametrize("compare_raw, passes_per_batch", [(True, 2), (False, 1)])
+def test_compare_raw_costs_one_extra_forward_pass_per_validation_batch(compare_raw, passes_per_batch):
+    class CountValidationForwards(Callback):
+        def __init__(self) -> None:
+            self.forwards, self.batches, self.hook = 0, 0, None
+
+        def on_validation_epoch_start(self, training_network, **kwargs) -> None:
+            self.hook = training_network.register_forward_hook(lambda *args: setattr(self, "forwards", self.forwards + 1))
+
+        def on_validation_batch_end(self, training_network, **kwargs) -> bool:
+            self.batches += 1
+            return True
+
+        def on_validation_epoch_end(self, **kwargs) -> bool:
+            self.hook.detach()
+            return True
+
+    counter = CountValidationForwards()
+    callback = ExponentialAveragingCallback(decay=0.9, compare_raw=compare_raw)
+    train(callback, epochs=2, extra_callbacks=[counter])
+    assert counter.batches > 0
+    assert counter.forwards == passes_per_batch * counter.batches
+    assert ("raw_validation_loss" in callback.history[0]) is compare_raw

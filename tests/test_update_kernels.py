@@ -13,6 +13,9 @@ from modavg_plugin.update_kernels import (
     CopyUpdateGroup,
     CpuUpdateGroup,
     MultiTensorUpdateGroup,
+    blas_libraries,
+    blend_in_place,
+    single_threaded_blas,
     update_group_for,
 )
 
@@ -116,3 +119,25 @@ def test_apply_waits_for_pending_reads_of_the_shadow():
     ema.apply()  # shadow becomes 2.0
     assert_allclose(snapshot.asnumpy(), np.full(1000, 1.0))
     assert_allclose(ema.shadows["weight"].asnumpy(), np.full(1000, 2.0))
+
+
+@pytest.mark.parametrize("values_dtype", [np.float32, np.float16])  # BLAS path, NumPy casting path
+@pytest.mark.parametrize("keep", [1.0, 0.9])
+@pytest.mark.parametrize("scratch_size", [7, 64, 1000])
+def test_blend_in_place_is_the_formula_across_block_boundaries(values_dtype, keep, scratch_size):
+    rng = np.random.default_rng(3)
+    target = rng.standard_normal(1000).astype(np.float32)
+    memory = target.__array_interface__["data"][0]
+    values = rng.standard_normal(1000).astype(values_dtype)
+    expected = keep * target.astype(np.float64) + 0.25 * values.astype(np.float64)
+    with single_threaded_blas():
+        blend_in_place(target, values, keep, 0.25, np.empty(scratch_size, dtype=np.float32))
+    np.testing.assert_allclose(target, expected, rtol=1e-6, atol=1e-7)
+    assert target.__array_interface__["data"][0] == memory
+
+
+def test_blas_runs_single_threaded_inside_the_context_and_as_before_after():
+    before = [library.num_threads for library in blas_libraries().lib_controllers]
+    with single_threaded_blas():
+        assert all(library.num_threads == 1 for library in blas_libraries().lib_controllers)
+    assert [library.num_threads for library in blas_libraries().lib_controllers] == before
