@@ -12,6 +12,7 @@ Hooks take ``**kwargs``: GluonTS has renamed hook arguments between versions.
 
 import logging
 import math
+import os
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence
 
 import mxnet as mx
@@ -20,6 +21,7 @@ from gluonts.mx.trainer.model_averaging import ModelAveraging
 
 from .averages import ExponentialMovingAverage, check_exponential_arguments
 from .checkpoint_log import CheckpointLog
+from .checkpoints import arrays_named, read_state_file, save_state_file
 from .parameters import NamedParameters, as_context, device_copies, named_parameters, write_into_parameters
 from .registry import ConfigurationError, Registrable
 from .strategies import AveragingStrategy
@@ -29,64 +31,79 @@ __all__ = ["AveragingCallback", "CheckpointAveragingCallback", "ExponentialAvera
 logger = logging.getLogger("gluonts.modavg_plugin.callbacks")
 
 RECORDED_METRIC = "score"
+STATE_NAME = "averaging-state.params"
+"""The file ``{checkpoint_dir}/averaging-state.params``: what a resumed run continues from."""
 
 
-class RawValidationLoss:
-    """The validation loss the raw weights would have had, measured alongside.
+class AveragedValidation:
+    """Validation forward passes with the averages swapped in, one pass at a time.
 
-    While attached to a network, every forward pass of that network (the
-    trainer's validation batches, run with the averages swapped in) is
-    followed by a second pass on the same inputs with the raw weights, which
-    ``swap_raw`` puts in and ``swap_average`` takes out again. The loss is
-    summarised as GluonTS's trainer does: the first output (or the only
-    one), averaged over all its elements; batches whose averaged loss is not
-    finite are skipped, as the trainer skips them.
+    While attached to a network, each forward pass of it (the trainer's
+    validation batches) runs with the averages swapped in by
+    ``swap_average``, and ``swap_raw`` puts the raw weights back right after
+    the pass, also when it raises (the hook then detaches itself). Between
+    batches, and whatever happens, the network holds its raw weights. With
+    ``measure_raw``, a second pass on the same inputs measures the raw
+    weights' loss, summarised as GluonTS's trainer does: the first output
+    (or the only one), averaged over all its elements; batches whose
+    averaged loss is not finite are skipped, as the trainer skips them.
 
     Parameters
     ----------
-    swap_raw, swap_average
-        Put the raw weights in the network, and the averages back.
+    swap_average, swap_raw
+        Put the averages in the network, and the raw weights back.
+    measure_raw
+        Also measure the raw weights' loss (one more forward pass a batch).
     """
 
-    def __init__(self, swap_raw: Callable[[], None], swap_average: Callable[[], None]) -> None:
-        self._swap_raw = swap_raw
+    def __init__(self, swap_average: Callable[[], None], swap_raw: Callable[[], None], measure_raw: bool) -> None:
         self._swap_average = swap_average
-        self._hook: Optional[Any] = None
-        self._inside_raw_pass = False
+        self._swap_raw = swap_raw
+        self.measure_raw = measure_raw
+        self._network: Optional[mx.gluon.Block] = None
         self._total = 0.0
         self._count = 0
 
     def attach(self, network: mx.gluon.Block) -> None:
-        """Start measuring (forgetting any earlier measurement) on ``network``."""
+        """Start on ``network`` (forgetting any earlier measurement)."""
         self.detach()
         self._total, self._count = 0.0, 0
-        self._hook = network.register_forward_hook(self._after_forward)
+        original_forward = network.forward
+
+        def averaged_forward(*inputs: Any) -> Any:
+            return self._averaged_pass(original_forward, inputs)
+
+        network.forward = averaged_forward  # Block.__call__ calls self.forward: this instance attribute first
+        self._network = network
 
     def detach(self) -> None:
-        """Stop measuring; the value so far stays readable."""
-        if self._hook is not None:
-            self._hook.detach()
-            self._hook = None
+        """Stop: the network's own ``forward`` again; the raw loss so far stays readable."""
+        if self._network is not None and "forward" in vars(self._network):
+            del self._network.forward
+        self._network = None
 
     @property
-    def value(self) -> float:
-        """Mean loss per element over the measured batches (NaN before any)."""
+    def raw_loss(self) -> float:
+        """Mean raw loss per element over the measured batches (NaN before any)."""
         return self._total / self._count if self._count else math.nan
 
-    def _after_forward(self, network: mx.gluon.Block, inputs: Sequence[Any], output: Any) -> None:
-        if self._inside_raw_pass or not math.isfinite(float(_loss_of(output).sum().asscalar())):
-            return
-        self._inside_raw_pass = True
-        # Validation runs inside autograd.record(); swapping weights there is refused.
-        with mx.autograd.pause():
-            self._swap_raw()
-            try:
-                raw_loss = _loss_of(network(*inputs))
-                self._total += float(raw_loss.sum().asscalar())
-                self._count += raw_loss.size
-            finally:
-                self._swap_average()
-                self._inside_raw_pass = False
+    def _averaged_pass(self, forward: Callable[..., Any], inputs: Sequence[Any]) -> Any:
+        with mx.autograd.pause():  # validation runs inside autograd.record(): no swapping there
+            self._swap_average()
+        try:
+            output = forward(*inputs)
+        except BaseException:
+            self.detach()
+            raise
+        finally:
+            with mx.autograd.pause():
+                self._swap_raw()
+        if self.measure_raw and math.isfinite(float(_loss_of(output).sum().asscalar())):
+            with mx.autograd.pause():
+                raw_loss = _loss_of(forward(*inputs))
+            self._total += float(raw_loss.sum().asscalar())
+            self._count += raw_loss.size
+        return output
 
 
 def _loss_of(output: Any) -> mx.nd.NDArray:
@@ -115,21 +132,33 @@ class AveragingCallback(Registrable, ModelAveraging):
         Which checkpoints to average at the end, and with which weights.
     checkpoint_dir
         Folder for the per-epoch checkpoints; ``None`` uses a temporary folder
-        removed at the end of training. A given folder is kept.
+        removed at the end of training. A given folder is kept, and holds the
+        callback's state after every epoch (see ``resume``).
+    resume
+        ``True``: continue from the state saved in ``checkpoint_dir`` by an
+        earlier run that stopped (the raw weights, the averages, the update
+        count, the kept checkpoints and the history); start afresh when there
+        is none. Needs ``checkpoint_dir``.
     """
 
     default_implementation = "exponential"
 
-    def __init__(self, avg_strategy: Optional[AveragingStrategy] = None, checkpoint_dir: Optional[str] = None) -> None:
+    def __init__(
+        self, avg_strategy: Optional[AveragingStrategy] = None, checkpoint_dir: Optional[str] = None, resume: bool = False
+    ) -> None:
         if avg_strategy is not None and avg_strategy.metric != RECORDED_METRIC:
             raise ConfigurationError(
                 f"avg_strategy.metric is {avg_strategy.metric!r}, but the callback records only {RECORDED_METRIC!r}"
             )
+        if resume and checkpoint_dir is None:
+            raise ConfigurationError("resume=True needs checkpoint_dir: the folder the earlier run saved its state in")
         self.avg_strategy = avg_strategy
         self.checkpoint_dir = checkpoint_dir
+        self.resume = resume
         self._parameters: NamedParameters = []
         self._checkpoints = CheckpointLog(avg_strategy, checkpoint_dir)
         self.history: List[Dict[str, float]] = []
+        self.epochs_before = 0
 
     # Hooks ------------------------------------------------------------------
 
@@ -137,10 +166,13 @@ class AveragingCallback(Registrable, ModelAveraging):
         """Start a run: forget the checkpoints and history of any earlier run."""
         self._checkpoints.close()
         self.history = []
+        self.epochs_before = 0
 
     def on_network_initializing_end(self, training_network: mx.gluon.HybridBlock, **kwargs: Any) -> None:
-        """Track the network's parameters (all of ``collect_params()``)."""
-        self._parameters = named_parameters(training_network.collect_params().items())
+        """Track the network's parameters (all of ``collect_params()``); with ``resume``, load the saved state."""
+        self._parameters = network_parameters(training_network)
+        if self.resume and os.path.isfile(self._state_path()):
+            self.load_state()
 
     def on_train_epoch_end(self, epoch_no: int, epoch_loss: float, **kwargs: Any) -> bool:
         """Record the training loss in this epoch's :attr:`history` entry."""
@@ -153,11 +185,50 @@ class AveragingCallback(Registrable, ModelAveraging):
         return True
 
     def on_epoch_end(self, epoch_no: int, epoch_loss: float, **kwargs: Any) -> bool:
-        """Save this epoch's weights and record; prune what cannot be selected; log the epoch."""
-        epoch_no, score = int(epoch_no), float(epoch_loss)
+        """Save this epoch's weights and record; prune what cannot be selected; save the state; log the epoch."""
+        epoch_no, score = self.epochs_before + int(epoch_no), float(epoch_loss)
         self._checkpoints.save(f"epoch-{epoch_no:04d}", epoch_no, {RECORDED_METRIC: score}, self.epoch_weights())
-        logger.info("epoch %d: %s", epoch_no, self.describe_epoch(self.history_entry(epoch_no)))
+        if self.checkpoint_dir is not None:
+            self.save_state(epochs_done=epoch_no + 1)
+        logger.info("epoch %d: %s", epoch_no, self.describe_epoch(self.history_entry(epoch_no - self.epochs_before)))
         return True
+
+    # Resuming ---------------------------------------------------------------
+
+    def _state_path(self) -> str:
+        return os.path.join(str(self.checkpoint_dir), STATE_NAME)
+
+    def save_state(self, epochs_done: int) -> None:
+        """Write what a resumed run needs into ``checkpoint_dir`` (atomically; a failure is logged)."""
+        state = {"format": 1, "epochs_done": epochs_done, "history": self.history, "records": self._checkpoints.state()}
+        state.update(self.state_counters())
+        arrays = {f"raw:{name}": device_copies(name, parameter)[0] for name, parameter in self._parameters}
+        arrays.update({f"average:{name}": value for name, value in self.state_arrays().items()})
+        try:
+            save_state_file(self._state_path(), state, arrays, blobs={})
+        except OSError as error:
+            logger.warning("could not save the callback's state in %s (%s); a resume would start earlier", self.checkpoint_dir, error)
+
+    def load_state(self) -> None:
+        """Continue from :meth:`save_state`'s files: raw weights into the network, averages, counters, records."""
+        state, arrays, _ = read_state_file(self._state_path())
+        write_into_parameters(arrays_named(arrays, "raw:"), self._parameters, f"the saved state in {self.checkpoint_dir}")
+        self.load_state_arrays(arrays_named(arrays, "average:"), state)
+        self._checkpoints.restore(state["records"])
+        self.history = [dict(entry) for entry in state["history"]]
+        self.epochs_before = int(state["epochs_done"])
+        logger.info("resumed after epoch %d from %s", self.epochs_before - 1, self.checkpoint_dir)
+
+    def state_counters(self) -> Dict[str, Any]:
+        """Subclasses: their counters, as JSON-ready values."""
+        return {}
+
+    def state_arrays(self) -> Mapping[str, mx.nd.NDArray]:
+        """Subclasses: their arrays (e.g. the averages) by parameter name."""
+        return {}
+
+    def load_state_arrays(self, arrays: Mapping[str, mx.nd.NDArray], state: Mapping[str, Any]) -> None:
+        """Subclasses: take back :meth:`state_arrays` and :meth:`state_counters`."""
 
     def on_train_end(self, training_network: Optional[mx.gluon.HybridBlock] = None, **kwargs: Any) -> None:
         """Leave the averaged weights in the network and remove temporary files."""
@@ -169,9 +240,10 @@ class AveragingCallback(Registrable, ModelAveraging):
     # What subclasses decide -------------------------------------------------
 
     def history_entry(self, epoch_no: int) -> Dict[str, float]:
-        """The :attr:`history` entry of ``epoch_no``, started if it is new."""
-        if not self.history or self.history[-1]["epoch_no"] != int(epoch_no):
-            self.history.append({"epoch_no": int(epoch_no)})
+        """The :attr:`history` entry of this run's ``epoch_no`` (counted on after a resume), started if new."""
+        epoch_no = self.epochs_before + int(epoch_no)
+        if not self.history or self.history[-1]["epoch_no"] != epoch_no:
+            self.history.append({"epoch_no": epoch_no})
         return self.history[-1]
 
     def describe_epoch(self, entry: Mapping[str, float]) -> str:
@@ -217,11 +289,16 @@ class CheckpointAveragingCallback(AveragingCallback):
     checkpoint_dir
         Folder for the per-epoch checkpoints, kept after training; ``None``:
         a temporary folder, removed at the end of training.
+    resume
+        ``True``: continue from the state an earlier, stopped run saved in
+        ``checkpoint_dir`` (raw weights, kept checkpoints, history).
     """
 
     @validated()
-    def __init__(self, avg_strategy: Optional[AveragingStrategy] = None, checkpoint_dir: Optional[str] = None) -> None:
-        super().__init__(avg_strategy or AveragingStrategy.from_config(), checkpoint_dir)
+    def __init__(
+        self, avg_strategy: Optional[AveragingStrategy] = None, checkpoint_dir: Optional[str] = None, resume: bool = False
+    ) -> None:
+        super().__init__(avg_strategy or AveragingStrategy.from_config(), checkpoint_dir, resume)
 
     def epoch_weights(self) -> Mapping[str, mx.nd.NDArray]:
         return {name: device_copies(name, parameter)[0] for name, parameter in self._parameters}
@@ -263,6 +340,11 @@ class ExponentialAveragingCallback(AveragingCallback):
         ``True``: with validation data, also measure the raw weights'
         validation loss (a second forward pass per validation batch, so
         validation costs about twice as much; training is unaffected).
+    resume
+        ``True``: continue from the state an earlier, stopped run saved in
+        ``checkpoint_dir`` after its last complete epoch: raw weights,
+        averages, update count (so the warm-up goes on), kept checkpoints and
+        history. Give the resumed ``Trainer`` the epochs still to run.
     """
 
     @validated()
@@ -275,10 +357,11 @@ class ExponentialAveragingCallback(AveragingCallback):
         checkpoint_dir: Optional[str] = None,
         shadow_context: Optional[str] = None,
         compare_raw: bool = True,
+        resume: bool = False,
     ) -> None:
         check_exponential_arguments(decay, numerator, denominator)
         as_context(shadow_context)  # refuse a bad value now, not at the first epoch
-        super().__init__(avg_strategy, checkpoint_dir)
+        super().__init__(avg_strategy, checkpoint_dir, resume)
         self.decay = decay
         self.numerator = numerator
         self.denominator = denominator
@@ -286,9 +369,10 @@ class ExponentialAveragingCallback(AveragingCallback):
         self.compare_raw = compare_raw
         self.moving_average: Optional[ExponentialMovingAverage] = None
         self.num_updates = 0
-        self._raw_validation_loss = RawValidationLoss(
-            swap_raw=lambda: self.moving_average.restore(),
+        self._validation = AveragedValidation(
             swap_average=lambda: self.moving_average.assign_average_value(),
+            swap_raw=lambda: self.moving_average.restore(),
+            measure_raw=compare_raw,
         )
 
     def on_train_start(self, max_epochs: int = 0, **kwargs: Any) -> None:
@@ -297,9 +381,20 @@ class ExponentialAveragingCallback(AveragingCallback):
         self.num_updates = 0
 
     def on_network_initializing_end(self, training_network: mx.gluon.HybridBlock, **kwargs: Any) -> None:
-        """Shadows start from the freshly initialised weights."""
-        super().on_network_initializing_end(training_network, **kwargs)
+        """Shadows start from the freshly initialised weights (or, resuming, from the saved averages)."""
+        self._parameters = network_parameters(training_network)
         self._start_moving_average()
+        super().on_network_initializing_end(training_network, **kwargs)
+
+    def state_counters(self) -> Dict[str, Any]:
+        return {"num_updates": self.num_updates, "num_applied": self.moving_average.num_applied}
+
+    def state_arrays(self) -> Mapping[str, mx.nd.NDArray]:
+        return self.moving_average.shadows
+
+    def load_state_arrays(self, arrays: Mapping[str, mx.nd.NDArray], state: Mapping[str, Any]) -> None:
+        self.moving_average.load_state_dict({"num_applied": state["num_applied"], "shadows": arrays})
+        self.num_updates = int(state["num_updates"])
 
     def _start_moving_average(self) -> None:
         self.moving_average = ExponentialMovingAverage(
@@ -327,18 +422,16 @@ class ExponentialAveragingCallback(AveragingCallback):
         return True
 
     def on_validation_epoch_start(self, training_network: mx.gluon.HybridBlock, **kwargs: Any) -> None:
-        """Validate the averaged weights (and, with ``compare_raw``, the raw ones too)."""
-        self.moving_average.assign_average_value()
-        if self.compare_raw:
-            self._raw_validation_loss.attach(training_network)
+        """Validate the averaged weights, swapped in for each forward pass (and, with ``compare_raw``, the raw ones)."""
+        self.moving_average.restore()
+        self._validation.attach(training_network)
 
     def on_validation_epoch_end(self, epoch_no: int, epoch_loss: float, **kwargs: Any) -> bool:
-        """Record both validation losses; back to the raw weights for training."""
-        self._raw_validation_loss.detach()
-        self.moving_average.restore()
+        """Record both validation losses."""
+        self._validation.detach()
         super().on_validation_epoch_end(epoch_no, epoch_loss, **kwargs)
         if self.compare_raw:
-            self.history_entry(epoch_no)["raw_validation_loss"] = self._raw_validation_loss.value
+            self.history_entry(epoch_no)["raw_validation_loss"] = self._validation.raw_loss
         return True
 
     def on_epoch_end(self, epoch_no: int, epoch_loss: float, **kwargs: Any) -> bool:
@@ -356,7 +449,7 @@ class ExponentialAveragingCallback(AveragingCallback):
         return self.moving_average.shadows
 
     def finish_training(self) -> None:
-        self._raw_validation_loss.detach()
+        self._validation.detach()
         if self.moving_average is None:
             return
         self.moving_average.restore()
@@ -365,3 +458,18 @@ class ExponentialAveragingCallback(AveragingCallback):
                 return
         self.moving_average.keep_average_value()
         logger.info("the network holds the moving average after %d updates", self.num_updates)
+
+
+def network_parameters(network: mx.gluon.Block) -> NamedParameters:
+    """All of ``network.collect_params()``, named without the network's own prefix.
+
+    Gluon numbers block prefixes per process (``...network0_``,
+    ``...network1_``), so full names differ between two runs in one process;
+    names relative to the network do not, and a resumed run's checkpoints
+    match the earlier run's.
+    """
+    prefix = network.prefix
+    return named_parameters(
+        (name[len(prefix):] if prefix and name.startswith(prefix) else name, parameter)
+        for name, parameter in network.collect_params().items()
+    )

@@ -77,12 +77,44 @@ class CheckpointLog:
             return None
         base = os.path.join(self.open(), file_stem)
         params_path = f"{base}.params"
-        save_params(params_path, arrays)
         record = {"params_path": os.path.basename(params_path), "epoch_no": epoch_no, **metrics}
-        save_epoch_info(base, record)
+        try:
+            save_params(params_path, arrays)
+            save_epoch_info(base, record)
+        except OSError as error:  # a full disk, a lost mount: training goes on, earlier files stay
+            _remove_quietly(params_path)
+            logger.warning(
+                "could not save the checkpoint of epoch %d in %s (%s); training goes on, the %d checkpoint(s) "
+                "saved before are kept and nothing is pruned",
+                epoch_no,
+                self._folder,
+                error,
+                len(self.records),
+            )
+            return None
         self.records.append({**record, "params_path": params_path, "info_path": f"{base}{EPOCH_INFO_SUFFIX}"})
         self._prune()
         return params_path
+
+    def state(self) -> List[Dict[str, Any]]:
+        """The records as plain data with file names relative to the folder (for resuming)."""
+        return [
+            {**record, "params_path": os.path.basename(record["params_path"]), "info_path": os.path.basename(record["info_path"])}
+            for record in self.records
+        ]
+
+    def restore(self, records: List[Mapping[str, Any]]) -> None:
+        """Take back the records of :meth:`state`; those whose files are gone are dropped with a warning."""
+        folder = self.open()
+        self.records = []
+        for record in records:
+            restored = {key: record[key] for key in record}
+            restored["params_path"] = os.path.join(folder, str(record["params_path"]))
+            restored["info_path"] = os.path.join(folder, str(record["info_path"]))
+            if os.path.isfile(restored["params_path"]) and os.path.isfile(restored["info_path"]):
+                self.records.append(restored)
+            else:
+                logger.warning("resuming without the checkpoint of epoch %s: %s is gone", record.get("epoch_no"), restored["params_path"])
 
     def kept_paths(self) -> List[str]:
         """The ``.params`` files still needed: the strategy's selection, or the latest."""
@@ -98,9 +130,8 @@ class CheckpointLog:
     def _prune(self) -> None:
         kept = set(self.kept_paths())
         for record in [record for record in self.records if record["params_path"] not in kept]:
-            for path in (record["params_path"], record["info_path"]):
-                if os.path.exists(path):
-                    os.remove(path)
+            for path in (record["info_path"], record["params_path"]):  # the record first: no record without file
+                _remove_quietly(path)
             self.records.remove(record)
 
     def assign_average(self, write: Callable[[Mapping[str, mx.nd.NDArray]], None], fallback: str) -> bool:
@@ -119,3 +150,12 @@ class CheckpointLog:
         summary = ", ".join(f"{os.path.basename(path)}: {weight:.3f}" for path, weight in zip(paths, weights))
         logger.info("the network holds the average of %d checkpoints (%s)", len(paths), summary)
         return True
+
+
+def _remove_quietly(path: str) -> None:
+    """Remove ``path`` if it exists; a failure is logged, not raised (the file is only left behind)."""
+    try:
+        if os.path.exists(path):
+            os.remove(path)
+    except OSError as error:
+        logger.warning("could not remove %s: %s", path, error)

@@ -11,8 +11,12 @@ memory at a time) and the result is written atomically.
 Every file's array names are read up front (headers only), so mixed formats,
 differing parameters and unreadable files are reported before any averaging.
 A file the user named is required: an unreadable one is an error. In a
-folder, an unreadable selected checkpoint is skipped with a warning and the
-remaining weights renormalised, like :meth:`AveragingStrategy.apply`.
+folder, an epoch-info record that is unusable (broken JSON, wrong types, a
+missing or unreadable parameter file, a ``params_path`` outside the folder
+without ``--allow-outside-folder``) is skipped with a warning before the
+strategy selects, and a selected checkpoint that turns unreadable afterwards
+is skipped with the remaining weights renormalised, like
+:meth:`AveragingStrategy.apply`.
 
 User errors exit with status 1 (2 for wrong arguments) and one line on
 stderr, ``modavg: error: ...``, naming the culprit. This module imports only
@@ -55,7 +59,9 @@ FOLDER_OPTIONS = {
     "num_models": "--num-models",
     "metric": "--metric",
     "maximize": "--maximize",
+    "allow_outside_folder": "--allow-outside-folder",
 }
+STRATEGY_OPTIONS = ("num_models", "metric", "maximize")  # passed to the strategy's constructor
 USER_ERRORS = (CheckpointError, ConfigurationError, ValueError, OSError, KeyError)
 USAGE_EXIT_CODE = 2
 ERROR_EXIT_CODE = 1
@@ -141,6 +147,12 @@ def build_parser() -> ArgumentParser:
     average.add_argument(
         "--maximize", action="store_const", const=True, help="folder only: rank high metric values first"
     )
+    average.add_argument(
+        "--allow-outside-folder",
+        action="store_const",
+        const=True,
+        help="folder only: accept epoch info whose params_path lies outside the folder (refused by default)",
+    )
     average.add_argument("--dry-run", action="store_true", help="print the files, weights and output; write nothing")
     average.set_defaults(run=run_average)
     return parser
@@ -159,6 +171,9 @@ def positive_integer(text: str) -> int:
 
 def run_average(arguments: argparse.Namespace) -> int:
     """``modavg average``: plan, then print the plan (``--dry-run``) or write the average."""
+    (first, *others) = arguments.sources
+    if not others and not os.path.exists(first) and not first.endswith(".params"):
+        raise CheckpointError(f"checkpoint folder {first} does not exist")  # not "-o is required when averaging files"
     if len(arguments.sources) == 1 and os.path.isdir(arguments.sources[0]):
         plan = plan_folder(arguments.sources[0], folder_options(arguments), arguments.output)
     else:
@@ -193,7 +208,9 @@ def plan_files(paths: Sequence[str], options: Dict[str, Any], output: Optional[s
 def plan_folder(folder: str, options: Dict[str, Any], output: Optional[str]) -> AveragingPlan:
     """The checkpoints a strategy selects in ``folder``, unreadable ones skipped with a warning."""
     strategy = build_strategy(options)
-    selected, weights = strategy.select_checkpoints(strategy.get_checkpoint_information(folder))
+    allow_outside_folder = bool(options.get("allow_outside_folder"))
+    records = strategy.get_checkpoint_information(folder, allow_outside_folder=allow_outside_folder)
+    selected, weights = strategy.select_checkpoints(records)
     readable: List[Tuple[str, float, List[str]]] = []
     for path, weight in zip(selected, weights):
         try:
@@ -212,7 +229,7 @@ def plan_folder(folder: str, options: Dict[str, Any], output: Optional[str]) -> 
 
 def build_strategy(options: Dict[str, Any]) -> AveragingStrategy:
     """The strategy named by ``--strategy`` (default ``mean``) with the other folder options."""
-    config = {key: value for key, value in options.items() if key != "strategy"}
+    config = {key: value for key, value in options.items() if key in STRATEGY_OPTIONS}
     if "strategy" in options:
         config["type"] = options["strategy"]
     return AveragingStrategy.from_config(config)

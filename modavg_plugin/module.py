@@ -18,13 +18,14 @@ plugin reaches into a host's private state.
 
 import logging
 import os
+import tempfile
 from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple, Union
 
 import mxnet as mx
 
 from .averages import MovingAverage
 from .checkpoint_log import CheckpointLog
-from .checkpoints import write_atomically
+from .checkpoints import TEMPORARY_PREFIX, arrays_named, read_state_file, save_state_file, write_atomically
 from .parameters import DeviceArrays, NamedParameters
 from .registry import ConfigurationError
 from .strategies import AveragingStrategy
@@ -102,6 +103,15 @@ class ModuleAveraging:
         This worker's rank in a distributed job, an integer >= 0; ``None``:
         from the module's kvstore (0 unless ``dist_*``). Only rank 0 writes
         checkpoints; :meth:`finish` gives every worker rank 0's final weights.
+    resume
+        ``True``: :meth:`fit` continues from the state an earlier, stopped run
+        saved next to ``checkpoint_prefix`` after its last complete epoch
+        (one file, ``{prefix}-averaging-state.params``: raw weights,
+        optimiser state, averages, update count, kept checkpoints),
+        with ``begin_epoch`` set for ``Module.fit``; start afresh when there
+        is none. Needs ``checkpoint_prefix``. Not in distributed jobs: a
+        ``dist_*`` kvstore keeps the optimiser state on its servers, and no
+        state is saved there.
     """
 
     def __init__(
@@ -112,7 +122,10 @@ class ModuleAveraging:
         checkpoint_prefix: Optional[str] = None,
         aux_states: str = "average",
         rank: Optional[int] = None,
+        resume: bool = False,
     ) -> None:
+        if resume and checkpoint_prefix is None:
+            raise ConfigurationError("resume=True needs checkpoint_prefix: where the earlier run saved its state")
         if aux_states not in AUX_STATES:
             raise ConfigurationError(f"aux_states must be one of {list(AUX_STATES)}, got {aux_states!r}")
         if avg_strategy is not None and not isinstance(avg_strategy, AveragingStrategy):
@@ -131,6 +144,8 @@ class ModuleAveraging:
         self._with_validation: Optional[bool] = None
         self._raw_arrays: Dict[str, mx.nd.NDArray] = {}
         self._training_metric: Optional[mx.metric.EvalMetric] = None
+        self.resume = resume
+        self._resumed_state: Optional[Dict[str, Any]] = None
 
     # Wiring -------------------------------------------------------------------
 
@@ -148,16 +163,26 @@ class ModuleAveraging:
     def fit(self, train_data: mx.io.DataIter, eval_data: Optional[mx.io.DataIter] = None, **fit_arguments: Any) -> None:
         """``module.fit`` with the averaging callbacks after the caller's, then :meth:`finish`.
 
-        :meth:`finish` runs even when training stops with an exception
-        (e.g. Ctrl-C): the module then holds the average of what was done.
+        Ctrl-C (``KeyboardInterrupt``) is a deliberate stop: :meth:`finish`
+        runs, so the module holds the average of what was done, then the
+        interrupt goes on. Any other exception calls :meth:`abandon`: the
+        module keeps (or gets back) its raw weights, the saved checkpoints
+        stay, and the exception goes on.
         """
         for argument, callback in self.callbacks().items():
             fit_arguments[argument] = _as_list(fit_arguments.get(argument)) + [callback]
         self._with_validation = eval_data is not None
+        if self.resume and os.path.isfile(self._state_path()):
+            fit_arguments["begin_epoch"] = self._load_state(train_data, fit_arguments)
         try:
             self.module.fit(train_data, eval_data=eval_data, **fit_arguments)
-        finally:
+        except KeyboardInterrupt:
             self.finish()
+            raise
+        except BaseException:
+            self.abandon()
+            raise
+        self.finish()
 
     # Callbacks ----------------------------------------------------------------
 
@@ -172,8 +197,11 @@ class ModuleAveraging:
         if self.moving_average is None:
             parameters = module_arrays(self.module, include_aux=self.aux_states == "average")
             self.moving_average = MovingAverage.from_config(self.average_config, parameters=parameters)
-        else:
-            self.moving_average.apply(num_updates=self.num_updates)
+            if self._resumed_state is None:
+                return
+            self.moving_average.load_state_dict(self._resumed_state)
+            self._resumed_state = None
+        self.moving_average.apply(num_updates=self.num_updates)
 
     def on_epoch_end(self, epoch: int, symbol: mx.sym.Symbol, arg_params: Mapping, aux_params: Mapping) -> None:
         """Swap the averages in for ``score``; without validation, save the epoch now."""
@@ -207,6 +235,72 @@ class ModuleAveraging:
         epoch_no = int(epoch) + 1
         path = self._checkpoints.save(f"{self._stem}-{epoch_no:04d}", epoch_no, metrics, self._epoch_arrays())
         logger.info("epoch %d: saved %s (%s)", epoch_no, path, _describe(metrics))
+        if self._folder is not None and self._distributed_kvstore() is None:
+            self._save_state(epochs_done=epoch_no)  # a dist kvstore keeps the optimiser state on its servers
+
+    # Resuming -----------------------------------------------------------------
+
+    def _state_path(self) -> str:
+        return os.path.join(str(self._folder), f"{self._stem}-averaging-state.params")
+
+    def _save_state(self, epochs_done: int) -> None:
+        """What :meth:`fit` with ``resume`` needs, next to the checkpoints (atomically; a failure is logged)."""
+        state = {"format": 1, "epochs_done": epochs_done, "num_updates": self.num_updates, "records": self._checkpoints.state()}
+        arrays = {f"raw:{name}": value for name, value in self._raw_arrays.items()}
+        if self.moving_average is not None:
+            state["num_applied"] = self.moving_average.num_applied
+            arrays.update({f"average:{name}": value for name, value in self.moving_average.shadows.items()})
+        optimizer = getattr(self.module, "_optimizer", None)  # no public accessor
+        if optimizer is not None:
+            state["optimizer_update_counts"] = _update_counts(optimizer)
+        try:
+            save_state_file(self._state_path(), state, arrays, blobs={"optimizer": self._optimizer_states()})
+        except OSError as error:
+            logger.warning("could not save the averaging state next to %s (%s); a resume would start earlier", self._stem, error)
+
+    def _optimizer_states(self) -> bytes:
+        """``Module.save_optimizer_states``, which writes only to a file, as bytes."""
+        handle, path = tempfile.mkstemp(prefix=TEMPORARY_PREFIX, dir=self._folder)
+        os.close(handle)
+        try:
+            self.module.save_optimizer_states(path)
+            with open(path, "rb") as file:
+                return file.read()
+        finally:
+            os.remove(path)
+
+    def _load_optimizer_states(self, data: bytes) -> None:
+        handle, path = tempfile.mkstemp(prefix=TEMPORARY_PREFIX, dir=self._folder)
+        try:
+            with os.fdopen(handle, "wb") as file:
+                file.write(data)
+            self.module.load_optimizer_states(path)
+        finally:
+            os.remove(path)
+
+    def _load_state(self, train_data: mx.io.DataIter, fit_arguments: Mapping[str, Any]) -> int:
+        """Bind and initialise the module from the saved state, as ``Module.fit`` would; the epoch to begin with."""
+        state, arrays, blobs = read_state_file(self._state_path())
+        self.module.bind(data_shapes=train_data.provide_data, label_shapes=train_data.provide_label, for_training=True)
+        self.module.init_params(
+            arg_params=arrays_named(arrays, f"raw:{ARG_PREFIX}"),
+            aux_params=arrays_named(arrays, f"raw:{AUX_PREFIX}"),
+            force_init=True,
+        )
+        self.module.init_optimizer(
+            kvstore=fit_arguments.get("kvstore", "local"),
+            optimizer=fit_arguments.get("optimizer", "sgd"),
+            optimizer_params=fit_arguments.get("optimizer_params", (("learning_rate", 0.01),)),
+        )
+        self._load_optimizer_states(blobs["optimizer"])
+        if "optimizer_update_counts" in state:
+            _restore_update_counts(self.module._optimizer, state["optimizer_update_counts"])
+        self._checkpoints.restore(state["records"])
+        self.num_updates = int(state["num_updates"])
+        if "num_applied" in state:
+            self._resumed_state = {"num_applied": state["num_applied"], "shadows": arrays_named(arrays, "average:")}
+        logger.info("resuming after epoch %d from %s", state["epochs_done"], self._state_path())
+        return int(state["epochs_done"])
 
     def _epoch_arrays(self) -> Dict[str, mx.nd.NDArray]:
         arrays = dict(self._raw_arrays)
@@ -240,6 +334,19 @@ class ModuleAveraging:
             if kvstore is not None:
                 final = checkpoint_names(*self.module.get_params())
                 self._set_module_arrays(broadcast_from_rank_zero(kvstore, final))
+        finally:
+            self._checkpoints.close()
+
+    def abandon(self) -> None:
+        """After a failure: the raw weights back in the module (if the averages were in).
+
+        Checkpoints under a given ``checkpoint_prefix`` stay; a temporary folder is removed.
+        """
+        try:
+            if self.moving_average is not None and self.moving_average.is_assigned:
+                self.moving_average.restore()
+            kept = f"; its checkpoints stay in {self._folder}" if self._folder and self._checkpoints.records else ""
+            logger.warning("training failed: the module keeps its raw weights%s", kept)
         finally:
             self._checkpoints.close()
 
@@ -332,3 +439,25 @@ def _as_list(callbacks: Any) -> List[Callable]:
     if callbacks is None:
         return []
     return list(callbacks) if isinstance(callbacks, (list, tuple)) else [callbacks]
+
+
+def _update_counts(optimizer: mx.optimizer.Optimizer) -> Dict[str, Any]:
+    """The optimiser's step counters, which ``Module.save_optimizer_states`` leaves out.
+
+    Adam's bias correction and learning-rate schedules read them: without
+    them a resumed Adam run restarts its bias correction and drifts away.
+    """
+    counts = {
+        str(device): {str(index): int(count) for index, count in by_index.items()}
+        for device, by_index in optimizer._all_index_update_counts.items()
+    }
+    return {"num_update": int(optimizer.num_update), "index_update_counts": counts}
+
+
+def _restore_update_counts(optimizer: mx.optimizer.Optimizer, saved: Mapping[str, Any]) -> None:
+    optimizer.num_update = int(saved["num_update"])
+    optimizer._all_index_update_counts = {
+        int(device): {int(index): int(count) for index, count in by_index.items()}
+        for device, by_index in saved["index_update_counts"].items()
+    }
+    optimizer._index_update_count = optimizer._all_index_update_counts.setdefault(0, {})

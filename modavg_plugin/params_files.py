@@ -18,23 +18,34 @@ The layout (MXNet 1.x ``NDArray::Save``, dense arrays): ``uint64 0x112``,
 ``int32 storage type (0: dense)``, ``int32 ndim``, ``int64 dims[ndim]``,
 ``int32 device type``, ``int32 device id``, ``int32 dtype flag``, the raw
 little-endian values; then ``uint64 count`` names, each ``uint64 length`` +
-bytes. Other variants (sparse arrays, the V1 and V3 layouts, bfloat16) are
-reported as unsupported so the caller can fall back to ``mx.nd.load``.
+bytes. Other variants (sparse arrays, the V3 layout of NumPy-shape arrays,
+bfloat16, unnamed lists) are left to ``mx.nd.load``, but only after
+:func:`check_layout` has walked their headers too: ``mx.nd.load`` trusts
+declared sizes (a 100-byte file declaring a terabyte makes it try to
+allocate one) and sparse indices (one out of range aborts the process when
+the array is densified; those values are checked after loading, see
+``checkpoints.load_params``). Layouts older than MXNet 1.x's V2 (the V1
+array magic, or none) are refused.
 """
 
+import io
 import math
 import os
+import stat
 import struct
-from typing import Dict, Iterator, NamedTuple, Optional, Tuple
+from typing import Dict, Iterator, List, NamedTuple, Optional, Tuple
 
 import numpy as np
 
-__all__ = ["ArrayEntry", "ParamsFile", "ParamsFileReader", "ParamsFormatError"]
+__all__ = ["ArrayEntry", "ParamsFile", "ParamsFileReader", "ParamsFormatError", "check_layout"]
 
 CHUNK_BYTES = 1 << 20  # the size of one core's L2 cache here; 4 MiB measured the same
 LIST_MAGIC = 0x112
 ARRAY_MAGIC_V2 = 0xF993FAC9
+ARRAY_MAGIC_V3 = 0xF993FACA  # NumPy-shape semantics: ndim 0 is a scalar, -1 unknown
 DENSE_STORAGE = 0
+AUX_ARRAYS = {DENSE_STORAGE: 0, 1: 1, 2: 2}  # storage type -> index arrays: row_sparse (rows), csr (indptr, indices)
+BFLOAT16_FLAG = 12  # known to MXNet, not to NumPy: left to mx.nd.load
 DTYPE_FLAGS = {
     0: np.float32,
     1: np.float64,
@@ -55,6 +66,9 @@ LIST_HEADER = struct.Struct("<QQQ")
 COUNT = struct.Struct("<Q")
 ARRAY_HEADER = struct.Struct("<Iii")  # magic, storage type, ndim
 ARRAY_FOOTER = struct.Struct("<iii")  # device type, device id, dtype flag
+UINT32 = struct.Struct("<I")
+INT32 = struct.Struct("<i")
+CONTEXT = struct.Struct("<ii")  # device type, device id
 
 
 class ParamsFormatError(ValueError):
@@ -153,7 +167,7 @@ class ParamsFile:
     def __init__(self, path: str, buffer: np.ndarray) -> None:
         self.path = path
         self._buffer = buffer
-        self._file = open(path, "rb", buffering=0)
+        self._file = open_regular_file(path)
         try:
             self.entries = _read_entries(_FileCursor(self._file.fileno(), os.fstat(self._file.fileno()).st_size))
         except BaseException:
@@ -191,6 +205,154 @@ class ParamsFile:
         self.close()
 
 
+def open_regular_file(path: str) -> io.FileIO:
+    """``path`` opened for unbuffered binary reading; :class:`ParamsFormatError` if it is not a regular file.
+
+    Opened without blocking, so a FIFO (or a device) under a checkpoint's
+    name is refused instead of waiting forever for a writer.
+    """
+    descriptor = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0))
+    try:
+        mode = os.fstat(descriptor).st_mode
+    except BaseException:
+        os.close(descriptor)
+        raise
+    if not stat.S_ISREG(mode):
+        os.close(descriptor)
+        raise ParamsFormatError("not a regular file")
+    return io.FileIO(descriptor, "rb", closefd=True)
+
+
+def check_layout(path: str) -> None:
+    """Walk every header of ``path``, in any layout MXNet 1.x writes, and check it against the file's size.
+
+    Sizes are checked before ``mx.nd.load`` sees the file: every array's
+    values (and sparse indices) must lie within the file, the names must be
+    UTF-8 and distinct, and nothing may follow the last name.
+
+    Raises
+    ------
+    ParamsFormatError
+        The file is truncated, inconsistent, of another format, or in a
+        layout older than MXNet 1.0.
+    OSError
+        The file cannot be opened or read.
+    """
+    with open_regular_file(path) as file:
+        cursor = _FileCursor(file.fileno(), os.fstat(file.fileno()).st_size)
+        magic, _reserved, count = cursor.unpack(LIST_HEADER)
+        if magic != LIST_MAGIC:
+            raise ParamsFormatError(f"not an MXNet .params file (magic {magic:#x}, expected {LIST_MAGIC:#x})")
+        if count * UINT32.size > cursor.size:
+            raise ParamsFormatError(f"truncated: declares {count} arrays in {cursor.size} bytes")
+        for index in range(count):
+            _skip_any_array(cursor, index)
+        (name_count,) = cursor.unpack(COUNT)
+        if name_count not in (0, count):
+            raise ParamsFormatError(f"{name_count} names for {count} arrays")
+        _check_names(cursor, name_count)
+
+
+def _check_names(cursor: _FileCursor, count: int) -> None:
+    names = set()
+    for _ in range(count):
+        try:
+            name = cursor.take(cursor.unpack(COUNT)[0]).decode()
+        except UnicodeDecodeError as error:
+            raise ParamsFormatError(f"an array name is not UTF-8 ({error})") from None
+        if name in names:
+            raise ParamsFormatError(f"array name {name!r} appears twice")
+        names.add(name)
+    if cursor.position != cursor.size:
+        raise ParamsFormatError(f"{cursor.size - cursor.position} unexpected bytes after the last name")
+
+
+def _skip_any_array(cursor: _FileCursor, index: int) -> None:
+    """Move past array ``index`` (dense or sparse, V2 or V3), checking its declared sizes."""
+    (magic,) = cursor.unpack(UINT32)
+    if magic not in (ARRAY_MAGIC_V2, ARRAY_MAGIC_V3):
+        raise ParamsFormatError(
+            f"array {index} has header magic {magic:#x}: not an MXNet 1.x array (older layouts are refused)"
+        )
+    (storage,) = cursor.unpack(INT32)
+    if storage not in AUX_ARRAYS:
+        raise ParamsFormatError(f"array {index} has unknown storage type {storage}")
+    storage_shape = _read_dims(cursor, index, magic) if AUX_ARRAYS[storage] else None
+    shape = _read_dims(cursor, index, magic)
+    if shape is None:
+        return  # an empty NDArray: MXNet writes nothing more for it
+    if AUX_ARRAYS[storage]:
+        _check_storage_shape(storage, storage_shape, shape, index)
+    cursor.skip(CONTEXT.size)
+    itemsize = _itemsize(cursor.unpack(INT32)[0], index)
+    aux_itemsizes, aux_shapes = [], []
+    for _ in range(AUX_ARRAYS[storage]):
+        aux_itemsizes.append(_itemsize(cursor.unpack(INT32)[0], index, integer=True))
+        aux_shapes.append(_read_dims(cursor, index, magic) or ())
+    cursor.skip(_value_count(storage, shape, aux_shapes, index) * itemsize)
+    for aux_itemsize, dims in zip(aux_itemsizes, aux_shapes):
+        cursor.skip(math.prod(dims) * aux_itemsize)
+
+
+def _read_dims(cursor: _FileCursor, index: int, magic: int) -> Optional[Tuple[int, ...]]:
+    """A shape as MXNet writes it (``int32 ndim``, ``int64`` dims); ``None`` for the unknown shape of an empty array.
+
+    The unknown shape is ``ndim 0`` in the V2 layout, ``ndim -1`` in V3 (where ``ndim 0`` is a scalar).
+    """
+    (ndim,) = cursor.unpack(INT32)
+    unknown_ndim = 0 if magic == ARRAY_MAGIC_V2 else -1
+    if ndim < unknown_ndim:
+        raise ParamsFormatError(f"array {index} has a shape with {ndim} dimensions")
+    if ndim == unknown_ndim:
+        return None
+    dims = struct.unpack(f"<{ndim}q", cursor.take(8 * ndim))
+    if ndim and min(dims) < 0:
+        raise ParamsFormatError(f"array {index} has a negative dimension in shape {dims}")
+    return dims
+
+
+def _check_storage_shape(
+    storage: int, storage_shape: Optional[Tuple[int, ...]], shape: Tuple[int, ...], index: int
+) -> None:
+    """A sparse array's storage shape is ``(rows, *shape[1:])`` (row_sparse) or ``(nonzeros,)`` (csr).
+
+    Its first dimension is not checked: MXNet may write it before the array
+    is computed (0 or the real count, by chance), and its loader takes that
+    count from the index arrays instead; the other dimensions it does use.
+    """
+    expected_tail = tuple(shape[1:]) if storage == 1 else ()
+    if storage_shape is None or tuple(storage_shape[1:]) != expected_tail:
+        raise ParamsFormatError(f"sparse array {index} has storage shape {storage_shape} for shape {shape}")
+
+
+def _itemsize(flag: int, index: int, integer: bool = False) -> int:
+    if flag == BFLOAT16_FLAG and not integer:
+        return 2
+    if flag not in DTYPE_FLAGS or (integer and np.dtype(DTYPE_FLAGS[flag]).kind not in "iu"):
+        kind = "sparse index dtype" if integer else "dtype"
+        raise ParamsFormatError(f"array {index} has unknown {kind} flag {flag}")
+    return np.dtype(DTYPE_FLAGS[flag]).itemsize
+
+
+def _value_count(storage: int, shape: Tuple[int, ...], aux_shapes: List[Tuple[int, ...]], index: int) -> int:
+    """The number of values MXNet reads: the whole shape (dense) or what the index arrays' shapes say (sparse)."""
+    if storage == DENSE_STORAGE:
+        return math.prod(shape)
+    if any(len(dims) != 1 for dims in aux_shapes):
+        raise ParamsFormatError(f"sparse array {index} has index arrays of shapes {aux_shapes}, expected 1-D")
+    if not shape:
+        raise ParamsFormatError(f"sparse array {index} has a scalar shape")
+    if storage == 1:  # row_sparse: values of the rows listed in the index array
+        (rows,) = aux_shapes[0]
+        if rows > shape[0]:
+            raise ParamsFormatError(f"row_sparse array {index} of shape {shape} lists {rows} rows")
+        return rows * math.prod(shape[1:])
+    (pointers,), (nonzeros,) = aux_shapes  # csr: indptr, indices
+    if len(shape) != 2 or pointers != shape[0] + 1 or nonzeros > shape[0] * shape[1]:
+        raise ParamsFormatError(f"csr array {index} of shape {shape} has indptr of {pointers} and {nonzeros} indices")
+    return nonzeros
+
+
 class ParamsFileReader:
     """Opens ``.params`` files that share one chunk buffer (``chunk_bytes``, default 1 MiB)."""
 
@@ -198,8 +360,12 @@ class ParamsFileReader:
         self._buffer = np.empty(max(chunk_bytes, 8), dtype=np.uint8)
 
     def open(self, path: str) -> Optional[ParamsFile]:
-        """The open file, or ``None`` for layouts left to ``mx.nd.load`` (see :class:`ParamsFile`)."""
+        """The open file, or ``None`` for a layout left to ``mx.nd.load`` whose sizes :func:`check_layout` checked.
+
+        Raises :class:`ParamsFormatError` or ``OSError`` (see :class:`ParamsFile`).
+        """
         try:
             return ParamsFile(path, self._buffer)
         except UnsupportedLayout:
+            check_layout(path)
             return None

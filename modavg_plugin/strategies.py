@@ -5,11 +5,21 @@ Same method names and meanings as GluonTS's ``AveragingStrategy``:
 GluonTS's, weights are computed stably (no NaN or inf for any finite
 scores), non-finite scores are never selected, checkpoints are averaged one
 at a time, and user errors are exceptions naming the culprit.
+
+Metric values: any finite number (``int`` or ``float``, not ``bool``) is
+ranked as it is, however large or small (a score of ``1e308`` is a legal,
+very bad loss; with ``maximize=True`` it would rank first: the files are
+trusted to mean what they say). NaN, infinities, integers too large for a
+float, and values that are not numbers (strings, booleans, ``null``) are
+never selected; :meth:`AveragingStrategy.select_checkpoints` names such
+records in one warning.
 """
 
+import logging
 import math
+import numbers
 import os
-from typing import Any, Dict, List, Mapping, Sequence, Tuple
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import mxnet as mx
 import numpy as np
@@ -21,10 +31,14 @@ from .checkpoints import (
     average_checkpoint_files,
     read_checkpoint_records,
     save_params,
+    shown_value,
 )
 from .registry import ConfigurationError, Registrable
 
 __all__ = ["AveragingStrategy", "SelectNBestMean", "SelectNBestSoftmax", "softmax_weights"]
+
+logger = logging.getLogger("gluonts.modavg_plugin.strategies")
+MAX_REASONS_SHOWN = 20  # records listed by name in one warning or error; the rest are counted
 
 
 def softmax_weights(scores: Sequence[float], maximize: bool) -> np.ndarray:
@@ -32,9 +46,11 @@ def softmax_weights(scores: Sequence[float], maximize: bool) -> np.ndarray:
 
     The largest ``v`` is subtracted first, so any finite scores give finite
     weights summing to 1 (GluonTS's formula gives NaN from scores ~710 up).
+    A difference that overflows (scores 1e308 apart) is ``-inf``: weight 0.
     """
     values = np.asarray(scores, dtype=np.float64) * (1.0 if maximize else -1.0)
-    exponentials = np.exp(values - values.max())
+    with np.errstate(over="ignore"):
+        exponentials = np.exp(values - values.max())
     return exponentials / exponentials.sum()
 
 
@@ -79,46 +95,91 @@ class AveragingStrategy(Registrable):
     def __hash__(self) -> int:
         return hash((type(self), tuple(sorted(self.__getnewargs_ex__()[1].items()))))
 
-    def apply(self, model_path: str) -> str:
+    def apply(self, model_path: str, *, allow_outside_folder: bool = False) -> str:
         """Average the folder's selected checkpoints; return the path of the file written.
 
-        The result is ``{model_path}/averaged_model-0000.params``.
+        The result is ``{model_path}/averaged_model-0000.params``. Unusable
+        epoch-info files and parameter files are skipped with a warning (see
+        :func:`~modavg_plugin.checkpoints.read_checkpoint_records` and
+        :func:`~modavg_plugin.checkpoints.average_checkpoint_files`); it is a
+        :class:`CheckpointError` when nothing usable is left.
+
+        Parameters
+        ----------
+        model_path
+            The checkpoint folder.
+        allow_outside_folder
+            Accept epoch info whose ``params_path`` lies outside the folder
+            (refused by default).
         """
-        paths, weights = self.select_checkpoints(self.get_checkpoint_information(model_path))
+        records = self.get_checkpoint_information(model_path, allow_outside_folder=allow_outside_folder)
+        paths, weights = self.select_checkpoints(records)
         averaged_path = os.path.join(model_path, AVERAGED_MODEL_NAME)
         save_params(averaged_path, self.average(paths, weights))
         return averaged_path
 
     @staticmethod
-    def get_checkpoint_information(model_path: str) -> List[Dict[str, Any]]:
-        """The epoch-info records (``params_path``, ``epoch_no``, metrics) in ``model_path``."""
-        return read_checkpoint_records(model_path)
+    def get_checkpoint_information(model_path: str, allow_outside_folder: bool = False) -> List[Dict[str, Any]]:
+        """The usable epoch-info records (``params_path``, ``epoch_no``, metrics) in ``model_path``.
+
+        See :func:`~modavg_plugin.checkpoints.read_checkpoint_records`.
+        """
+        return read_checkpoint_records(model_path, allow_outside_folder=allow_outside_folder)
 
     def select_checkpoints(self, checkpoints: Sequence[Mapping[str, Any]]) -> Tuple[List[str], List[float]]:
-        """The best ``num_models`` checkpoints, best first, and their weights.
+        """The best ``num_models`` checkpoints, best first, and their weights (finite, >= 0, summing to 1).
 
-        Checkpoints whose metric is NaN or infinite are never selected.
+        Checkpoints whose metric is missing, not a number, NaN or infinite
+        are never selected; they are named, with the reason, in one warning.
         """
+        excluded = self.excluded_checkpoints(checkpoints)
         ranked = self.rank_checkpoints(checkpoints)[: self.num_models]
+        if excluded:
+            logger.warning(
+                "not selecting %d of %d checkpoints: %s", len(excluded), len(checkpoints), _list_reasons(excluded)
+            )
         scores = [float(record[self.metric]) for record in ranked]
         weights = self.checkpoint_weights(scores)
         return [str(record["params_path"]) for record in ranked], [float(weight) for weight in weights]
 
     def rank_checkpoints(self, checkpoints: Sequence[Mapping[str, Any]]) -> List[Mapping[str, Any]]:
-        """Usable checkpoints, best first (ties: earlier epoch first)."""
+        """Checkpoints with a finite metric, best first (ties: earlier epoch first, then the given order).
+
+        Raises
+        ------
+        CheckpointError
+            No checkpoints, or none with a finite metric: the message says
+            why, naming the records.
+        """
         if len(checkpoints) == 0:
             raise CheckpointError("no checkpoints to select from")
-        for record in checkpoints:
-            if self.metric not in record:
-                source = record.get("info_path", record.get("params_path", "a checkpoint record"))
-                raise CheckpointError(f"metric {self.metric!r} is missing from the epoch info of {source}")
-        usable = [record for record in checkpoints if _is_finite_number(record[self.metric])]
+        usable = [record for record in checkpoints if self.exclusion_reason(record) is None]
         if not usable:
-            raise CheckpointError(
-                f"no checkpoint has a finite {self.metric!r} (all {len(checkpoints)} are NaN, infinite or not numbers)"
-            )
+            raise CheckpointError(self._nothing_usable_message(checkpoints))
         sign = -1.0 if self.maximize else 1.0
-        return sorted(usable, key=lambda record: (sign * float(record[self.metric]), record.get("epoch_no", 0)))
+        return sorted(usable, key=lambda record: (sign * float(record[self.metric]), _epoch_key(record)))
+
+    def exclusion_reason(self, record: Mapping[str, Any]) -> Optional[str]:
+        """Why ``record`` cannot be ranked by the metric, or ``None`` when it can."""
+        if self.metric not in record:
+            return f"no {self.metric!r}"
+        value = record[self.metric]
+        if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
+            return f"{self.metric!r} is {shown_value(value)}, not a number"
+        if not _is_finite(value):
+            return f"{self.metric!r} is {shown_value(value)}, not finite"
+        return None
+
+    def excluded_checkpoints(self, checkpoints: Sequence[Mapping[str, Any]]) -> List[Tuple[str, str]]:
+        """``(source, reason)`` of every checkpoint :meth:`rank_checkpoints` leaves out."""
+        reasons = [(_source(record), self.exclusion_reason(record)) for record in checkpoints]
+        return [(source, reason) for source, reason in reasons if reason is not None]
+
+    def _nothing_usable_message(self, checkpoints: Sequence[Mapping[str, Any]]) -> str:
+        excluded = self.excluded_checkpoints(checkpoints)
+        if all(reason == f"no {self.metric!r}" for _, reason in excluded):
+            return f"metric {self.metric!r} is missing from the epoch info of {_list_sources(excluded)}"
+        return f"no checkpoint has a finite {self.metric!r}: {_list_reasons(excluded)}"
 
     def checkpoint_weights(self, scores: Sequence[float]) -> np.ndarray:
         """Weights for the selected checkpoints' scores, best first (sum 1)."""
@@ -134,8 +195,34 @@ class AveragingStrategy(Registrable):
         return average_arrays(arrays, weights)
 
 
-def _is_finite_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+def _is_finite(value: numbers.Real) -> bool:
+    """``math.isfinite``, with integers too large for a float counted as infinite."""
+    try:
+        return math.isfinite(value)
+    except OverflowError:
+        return False
+
+
+def _epoch_key(record: Mapping[str, Any]) -> int:
+    """The epoch number for breaking ties: 0 when missing or not an integer (as ``record.get("epoch_no", 0)``)."""
+    epoch_no = record.get("epoch_no")
+    if isinstance(epoch_no, numbers.Integral) and not isinstance(epoch_no, (bool, np.bool_)):
+        return int(epoch_no)
+    return 0
+
+
+def _source(record: Mapping[str, Any]) -> str:
+    return str(record.get("info_path", record.get("params_path", "a checkpoint record")))
+
+
+def _list_sources(excluded: Sequence[Tuple[str, str]]) -> str:
+    shown = ", ".join(source for source, _ in excluded[:MAX_REASONS_SHOWN])
+    return shown + (f" and {len(excluded) - MAX_REASONS_SHOWN} more" if len(excluded) > MAX_REASONS_SHOWN else "")
+
+
+def _list_reasons(excluded: Sequence[Tuple[str, str]]) -> str:
+    shown = "; ".join(f"{source}: {reason}" for source, reason in excluded[:MAX_REASONS_SHOWN])
+    return shown + (f"; and {len(excluded) - MAX_REASONS_SHOWN} more" if len(excluded) > MAX_REASONS_SHOWN else "")
 
 
 @AveragingStrategy.register("mean")

@@ -36,6 +36,7 @@ class Probe(Callback):
     def __init__(self) -> None:
         self.raw_after_step: List[Weights] = []
         self.during_validation: List[Weights] = []
+        self.raw_at_validation_start: List[Weights] = []
         self.raw_at_epoch_start: List[Weights] = []
         self.raw_at_epoch_end: List[Weights] = []
         self.scores: List[float] = []
@@ -45,6 +46,17 @@ class Probe(Callback):
     def on_network_initializing_end(self, training_network, **kwargs) -> None:
         self.network = training_network
         self.raw_after_step.append(read_weights(training_network))
+        # What a validation batch computes with is only visible inside the network's forward pass:
+        # a pre-hook on a block inside it records the weights on the first call of each validation.
+        inner: List[mx.gluon.Block] = []
+        training_network.apply(lambda block: inner.append(block) if block is not training_network else None)
+        inner[0].register_forward_pre_hook(lambda block, inputs: self._inside_forward(training_network))
+        self._validating = False
+
+    def _inside_forward(self, network) -> None:
+        if self._validating and self._first_validation_pass:
+            self.during_validation.append(read_weights(network))
+            self._first_validation_pass = False
 
     def on_train_epoch_start(self, training_network, **kwargs) -> None:
         self.raw_at_epoch_start.append(read_weights(training_network))
@@ -54,7 +66,12 @@ class Probe(Callback):
         return True
 
     def on_validation_epoch_start(self, training_network, **kwargs) -> None:
-        self.during_validation.append(read_weights(training_network))
+        self._validating, self._first_validation_pass = True, True
+        self.raw_at_validation_start.append(read_weights(training_network))
+
+    def on_validation_epoch_end(self, **kwargs) -> bool:
+        self._validating = False
+        return True
 
     def on_epoch_end(self, epoch_no, epoch_loss, training_network, checkpoint_dir=None, **kwargs) -> bool:
         self.raw_at_epoch_end.append(read_weights(training_network))
@@ -74,8 +91,13 @@ def train(
     epochs: int = 4,
     batches: int = 3,
     extra_callbacks: Sequence[Callback] = (),
+    hybridize: bool = False,
 ) -> Probe:
-    """A tiny SimpleFeedForward run with ``callback``, then ``extra_callbacks``, then a probe."""
+    """A tiny SimpleFeedForward run with ``callback``, then ``extra_callbacks``, then a probe.
+
+    Not hybridized by default: the probe sees what a validation pass computes with only through a
+    hook on a block inside the network, which a hybridized network does not call.
+    """
     probe = Probe()
     mx.random.seed(7)
     np.random.seed(7)
@@ -85,7 +107,9 @@ def train(
         context_length=8,
         num_hidden_dimensions=[6],
         batch_size=8,
-        trainer=Trainer(epochs=epochs, num_batches_per_epoch=batches, learning_rate=1e-2, callbacks=callbacks),
+        trainer=Trainer(
+            epochs=epochs, num_batches_per_epoch=batches, learning_rate=1e-2, callbacks=callbacks, hybridize=hybridize
+        ),
     )
     data = dataset()
     estimator.train(data, validation_data=data if with_validation else None)
@@ -134,7 +158,7 @@ def test_ema_with_mean_strategy_averages_the_best_epoch_averages(tmp_path):
     best_two = np.argsort(probe.scores, kind="stable")[:2]
     expected = mean_of([probe.during_validation[epoch] for epoch in best_two])
     assert_weights_close(read_weights(probe.network), expected)
-    assert sorted(glob.glob(str(tmp_path / "*.params"))) == sorted(
+    assert sorted(glob.glob(str(tmp_path / "epoch-*.params"))) == sorted(
         str(tmp_path / f"epoch-{epoch:04d}.params") for epoch in best_two
     )
     assert len(glob.glob(str(tmp_path / "*-epoch-info.json"))) == 2
@@ -143,10 +167,12 @@ def test_ema_with_mean_strategy_averages_the_best_epoch_averages(tmp_path):
 def test_without_a_strategy_only_the_latest_checkpoint_is_kept(tmp_path):
     callback = ExponentialAveragingCallback(decay=0.9, checkpoint_dir=str(tmp_path))
     probe = train(callback, epochs=3, batches=2)
-    assert sorted(os.listdir(tmp_path)) == ["epoch-0002-epoch-info.json", "epoch-0002.params"]
+    checkpoints = sorted(name for name in os.listdir(tmp_path) if not name.startswith("averaging-state"))
+    assert checkpoints == ["epoch-0002-epoch-info.json", "epoch-0002.params"]
     saved = mx.nd.load(str(tmp_path / "epoch-0002.params"))
     expected = independent_ema(probe.raw_after_step, 0.9, 6)
-    assert_weights_close({name: array.asnumpy() for name, array in saved.items()}, expected)
+    # files name parameters relative to the network, without Gluon's per-process prefix
+    assert_weights_close({probe.network.prefix + name: array.asnumpy() for name, array in saved.items()}, expected)
 
 
 def test_files_stay_bounded_during_training(tmp_path):
@@ -154,7 +180,7 @@ def test_files_stay_bounded_during_training(tmp_path):
 
     class Counter(Callback):
         def on_epoch_end(self, **kwargs) -> bool:
-            seen.append(len(glob.glob(str(tmp_path / "*.params"))))
+            seen.append(len(glob.glob(str(tmp_path / "epoch-*.params"))))
             return True
 
     callback = ExponentialAveragingCallback(
@@ -264,9 +290,9 @@ def test_raw_validation_loss_matches_a_run_that_validates_the_raw_weights(caplog
     """Same seed, same raw trajectory: the checkpoints callback validates the raw weights directly."""
     with caplog.at_level(logging.INFO, logger="gluonts.modavg_plugin.callbacks"):
         averaged = ExponentialAveragingCallback(decay=0.9)
-        train(averaged)
+        train(averaged, hybridize=True)  # the swap must work on the cached graph too
     raw = CheckpointAveragingCallback()
-    train(raw)
+    train(raw, hybridize=True)
     assert [entry["epoch_no"] for entry in averaged.history] == [0, 1, 2, 3]
     assert_allclose(
         [entry["raw_validation_loss"] for entry in averaged.history],
@@ -284,18 +310,25 @@ def test_raw_validation_loss_matches_a_run_that_validates_the_raw_weights(caplog
 @pytest.mark.parametrize("compare_raw, passes_per_batch", [(True, 2), (False, 1)])
 def test_compare_raw_costs_one_extra_forward_pass_per_validation_batch(compare_raw, passes_per_batch):
     class CountValidationForwards(Callback):
+        """Counts calls of a block inside the network (each forward pass calls it once) during validation."""
+
         def __init__(self) -> None:
-            self.forwards, self.batches, self.hook = 0, 0, None
+            self.forwards, self.batches, self.validating = 0, 0, False
+
+        def on_network_initializing_end(self, training_network, **kwargs) -> None:
+            inner: List[mx.gluon.Block] = []
+            training_network.apply(lambda block: inner.append(block) if block is not training_network else None)
+            inner[0].register_forward_pre_hook(lambda *args: setattr(self, "forwards", self.forwards + self.validating))
 
         def on_validation_epoch_start(self, training_network, **kwargs) -> None:
-            self.hook = training_network.register_forward_hook(lambda *args: setattr(self, "forwards", self.forwards + 1))
+            self.validating = True
 
         def on_validation_batch_end(self, training_network, **kwargs) -> bool:
             self.batches += 1
             return True
 
         def on_validation_epoch_end(self, **kwargs) -> bool:
-            self.hook.detach()
+            self.validating = False
             return True
 
     counter = CountValidationForwards()
@@ -304,3 +337,70 @@ def test_compare_raw_costs_one_extra_forward_pass_per_validation_batch(compare_r
     assert counter.batches > 0
     assert counter.forwards == passes_per_batch * counter.batches
     assert ("raw_validation_loss" in callback.history[0]) is compare_raw
+
+
+class FailDuringValidation(Callback):
+    """Raises ``error`` inside the network's forward pass on the first validation batch of ``epoch``."""
+
+    def __init__(self, epoch: int, error: BaseException) -> None:
+        self.epoch, self.error, self.validating_epoch = epoch, error, -1
+        self.network: mx.gluon.Block = None
+
+    def on_network_initializing_end(self, training_network, **kwargs) -> None:
+        self.network = training_network
+        inner: List[mx.gluon.Block] = []
+        training_network.apply(lambda block: inner.append(block) if block is not training_network else None)
+        inner[0].register_forward_pre_hook(self._maybe_fail)
+        self.epochs_started = 0
+
+    def on_validation_epoch_start(self, training_network, **kwargs) -> None:
+        self.validating_epoch = self.epochs_started
+        self.epochs_started += 1
+
+    def on_validation_epoch_end(self, **kwargs) -> bool:
+        self.validating_epoch = -1
+        return True
+
+    def _maybe_fail(self, block, inputs) -> None:
+        if self.validating_epoch == self.epoch:
+            raise self.error
+
+
+def test_an_exception_inside_a_validation_pass_leaves_the_raw_weights():
+    failing = FailDuringValidation(epoch=1, error=RuntimeError("broken validation batch"))
+    callback = ExponentialAveragingCallback(decay=0.9)
+    probes: List[Probe] = []
+
+    class KeepProbe(Probe):
+        def __init__(self) -> None:
+            super().__init__()
+            probes.append(self)
+
+    with pytest.raises(RuntimeError, match="broken validation batch"):
+        mx.random.seed(7)
+        np.random.seed(7)
+        probe = KeepProbe()
+        estimator = SimpleFeedForwardEstimator(
+            prediction_length=4,
+            context_length=8,
+            num_hidden_dimensions=[6],
+            batch_size=8,
+            trainer=Trainer(epochs=3, num_batches_per_epoch=3, learning_rate=1e-2, callbacks=[callback, probe, failing], hybridize=False),
+        )
+        estimator.train(dataset(), validation_data=dataset())
+    (probe,) = probes
+    assert_weights_close(read_weights(failing.network), probe.raw_after_step[-1], 0, 0)
+    assert "forward" not in vars(failing.network)  # the network's own forward pass again
+
+
+def test_ctrl_c_during_validation_ends_with_the_average_and_intact_checkpoints(tmp_path):
+    interrupt = FailDuringValidation(epoch=2, error=KeyboardInterrupt())
+    callback = ExponentialAveragingCallback(decay=0.9, checkpoint_dir=str(tmp_path))
+    with pytest.warns(UserWarning, match="KeyboardInterrupt"):  # GluonTS ends the loop and calls on_train_end
+        probe = train(callback, epochs=4, batches=3, extra_callbacks=[interrupt])
+    assert len(probe.raw_after_step) == 1 + 3 * 3  # three epochs trained, then Ctrl-C in the third validation
+    assert_weights_close(read_weights(probe.network), independent_ema(probe.raw_after_step, 0.9, 9))
+    saved = mx.nd.load(str(tmp_path / "epoch-0001.params"))  # the last complete epoch's checkpoint
+    expected = independent_ema(probe.raw_after_step, 0.9, 6)
+    assert_weights_close({probe.network.prefix + name: value.asnumpy() for name, value in saved.items()}, expected)
+    assert not [name for name in os.listdir(tmp_path) if name.startswith(".tmp-")]

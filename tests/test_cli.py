@@ -17,7 +17,7 @@ import pytest
 import scipy.special
 from numpy.testing import assert_allclose
 
-from modavg_plugin import save_epoch_info
+from modavg_plugin import AveragingStrategy, save_epoch_info
 from modavg_plugin.checkpoints import AVERAGED_MODEL_NAME
 from modavg_plugin.cli import main
 
@@ -221,15 +221,46 @@ def test_folder_of_module_checkpoints(tmp_path, capsys):
     assert_allclose(averaged["aux:bn_moving_mean"].asnumpy(), expected["bn_moving_mean"], rtol=1e-5)
 
 
-def test_folder_skips_a_truncated_checkpoint_with_one_warning_line(folder, capsys):
+def test_folder_skips_a_truncated_checkpoint_with_one_warning_line_and_selects_the_next_best(folder, capsys):
     checkpoints, arrays = folder
     truncated = checkpoints / "epoch-0003.params"
     truncated.write_bytes(truncated.read_bytes()[:60])
     code, out, err = run(capsys, ["average", str(checkpoints), "--num-models", "3"])
     assert code == 0 and out == f"{checkpoints / AVERAGED_MODEL_NAME}\n"
-    assert len(err.splitlines()) == 1 and err.startswith("modavg: warning: skipping checkpoint file ")
-    assert str(truncated) in err and "truncated" in err
-    assert_params_file_equals(str(checkpoints / AVERAGED_MODEL_NAME), weighted_mean([arrays[1], arrays[5]], [1, 1]))
+    assert len(err.splitlines()) == 1 and err.startswith("modavg: warning: skipping epoch info ")
+    assert str(checkpoints / "epoch-0003-epoch-info.json") in err and str(truncated) in err and "truncated" in err
+    # the 3 best usable: epochs 1, 5, 4 (scores 1, 3, 4); epoch 3 (score 2) is out
+    expected = weighted_mean([arrays[1], arrays[5], arrays[4]], [1, 1, 1])
+    assert_params_file_equals(str(checkpoints / AVERAGED_MODEL_NAME), expected)
+
+
+def test_folder_ignores_leftovers_of_interrupted_writes_with_one_warning_line(folder, capsys):
+    checkpoints, arrays = folder
+    (checkpoints / ".tmp-k3j2-epoch-0006.params").write_bytes(b"\x12\x01\x00")  # killed while writing
+    (checkpoints / ".tmp-x8q1-epoch-0006-epoch-info.json").write_text('{"params_path": "epoch-0001.params", "score": 0}')
+    code, out, err = run(capsys, ["average", str(checkpoints), "--num-models", "2"])
+    assert code == 0 and out == f"{checkpoints / AVERAGED_MODEL_NAME}\n"
+    assert len(err.splitlines()) == 1 and err.startswith("modavg: warning: ignoring 2 temporary file(s) in ")
+    assert ".tmp-k3j2-epoch-0006.params" in err and ".tmp-x8q1-epoch-0006-epoch-info.json" in err
+    assert_params_file_equals(str(checkpoints / AVERAGED_MODEL_NAME), weighted_mean([arrays[1], arrays[3]], [1, 1]))
+
+
+def test_folder_params_path_outside_the_folder_needs_allow_outside_folder(tmp_path, capsys):
+    elsewhere, checkpoints = tmp_path / "elsewhere", tmp_path / "checkpoints"
+    elsewhere.mkdir()
+    checkpoints.mkdir()
+    arrays = [random_arrays(seed) for seed in range(2)]
+    save_gluon(elsewhere / "epoch-0000.params", arrays[0])
+    save_gluon(checkpoints / "epoch-0001.params", arrays[1])
+    save_epoch_info(str(checkpoints / "epoch-0000"), {"params_path": "../elsewhere/epoch-0000.params", "score": 1.0})
+    save_epoch_info(str(checkpoints / "epoch-0001"), {"params_path": "epoch-0001.params", "score": 2.0})
+    code, _, err = run(capsys, ["average", str(checkpoints), "--num-models", "2"])
+    assert code == 0 and len(err.splitlines()) == 1
+    assert "epoch-0000-epoch-info.json" in err and "outside the folder" in err and "--allow-outside-folder" in err
+    assert_params_file_equals(str(checkpoints / AVERAGED_MODEL_NAME), arrays[1])
+    code, _, err = run(capsys, ["average", str(checkpoints), "--num-models", "2", "--allow-outside-folder"])
+    assert code == 0 and err == ""
+    assert_params_file_equals(str(checkpoints / AVERAGED_MODEL_NAME), weighted_mean(arrays, [1, 1]))
 
 
 # bad inputs: exit non-zero, one line naming the culprit, nothing written
@@ -295,10 +326,30 @@ def test_truncated_file_among_named_files_is_an_error(tmp_path, capsys):
     assert not output.exists()
 
 
-def test_unreadable_every_selected_checkpoint(folder, capsys):
+def test_every_epoch_info_unusable_is_one_error_listing_each_reason(folder, capsys):
     checkpoints, _ = folder
-    for epoch in (1, 3):
+    for epoch in range(len(SCORES)):
         (checkpoints / f"epoch-{epoch:04d}.params").write_text("not a params file")
+    (checkpoints / "epoch-0002-epoch-info.json").write_text("[1, 2]")
+    err = assert_fails(capsys, ["average", str(checkpoints)], f"no usable checkpoint in folder {checkpoints}")
+    for epoch in range(len(SCORES)):
+        assert f"epoch-{epoch:04d}-epoch-info.json: " in err
+    assert "epoch-0002-epoch-info.json: not a JSON object (a list)" in err
+    assert f"checkpoint file {checkpoints / 'epoch-0001.params'} is not a readable .params file" in err
+
+
+def test_selected_checkpoints_unreadable_after_selection(folder, capsys, monkeypatch):
+    """Files that turn unreadable between reading the records and averaging are skipped; none left is an error."""
+    checkpoints, _ = folder
+    read_records = AveragingStrategy.get_checkpoint_information
+
+    def read_then_break(model_path, allow_outside_folder=False):
+        records = read_records(model_path, allow_outside_folder=allow_outside_folder)
+        for epoch in (1, 3):
+            (checkpoints / f"epoch-{epoch:04d}.params").write_text("not a params file")
+        return records
+
+    monkeypatch.setattr(AveragingStrategy, "get_checkpoint_information", staticmethod(read_then_break))
     code, out, err = run(capsys, ["average", str(checkpoints), "--num-models", "2"])
     assert code == 1 and out == ""
     warnings, error = err.splitlines()[:-1], err.splitlines()[-1]
@@ -318,6 +369,10 @@ def test_missing_metric(folder, capsys):
         (["a.params", ".", "-o", "out.params"], ". is a folder: give either .params files or one folder"),
         (["a.params", "-o", "out.params", "--strategy", "mean"], "--strategy applies only when averaging a folder"),
         (["a.params", "-o", "out.params", "--maximize"], "--maximize applies only when averaging a folder"),
+        (
+            ["a.params", "-o", "out.params", "--allow-outside-folder"],
+            "--allow-outside-folder applies only when averaging a folder",
+        ),
     ],
 )
 def test_file_mode_usage_errors(tmp_path, capsys, monkeypatch, arguments, fragment):
@@ -367,3 +422,10 @@ def test_importing_the_command_does_not_import_gluonts():
 def test_help_exits_zero(capsys):
     assert main(["average", "--help"]) == 0
     assert "--num-models" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("extra", [[], ["--num-models", "3"], ["-o", "out.params"]])
+def test_a_missing_folder_is_reported_as_missing_whatever_the_options(tmp_path, capsys, extra):
+    missing = str(tmp_path / "no-such-run") + "/"
+    assert main(["average", missing, *extra]) == 1
+    assert capsys.readouterr().err.strip() == f"modavg: error: checkpoint folder {missing} does not exist"

@@ -161,7 +161,7 @@ def test_checkpoints_are_module_checkpoints_and_the_end_is_the_strategy_average(
 
     assert sorted(saved) == [1, 2, 3]
     best = sorted(saved, key=lambda epoch: (-saved[epoch][1]["accuracy"], epoch))[:2]
-    files = sorted(os.listdir(tmp_path / "out"))
+    files = sorted(name for name in os.listdir(tmp_path / "out") if "averaging-state" not in name)
     expected_files = ["model-symbol.json"] + [f"model-{e:04d}{s}" for e in sorted(best) for s in (".params", "-epoch-info.json")]
     assert files == sorted(expected_files)
     for epoch in best:
@@ -191,7 +191,8 @@ def test_without_validation_epochs_are_saved_with_training_metrics_and_nothing_i
     averaging.fit(data_iterator(0), epoch_end_callback=raw, **fit_arguments())
     info = json.loads((tmp_path / "model-0003-epoch-info.json").read_text())
     assert set(info) == {"params_path", "epoch_no", "accuracy", "score"} and info["epoch_no"] == 3
-    assert sorted(os.listdir(tmp_path)) == ["model-0003-epoch-info.json", "model-0003.params", "model-symbol.json"]
+    files = sorted(name for name in os.listdir(tmp_path) if "averaging-state" not in name)  # what a resume needs
+    assert files == ["model-0003-epoch-info.json", "model-0003.params", "model-symbol.json"]
     seed_everything()
     plain, plain_raw = new_module([mx.cpu()]), RawWeights()
     plain.fit(data_iterator(0), epoch_end_callback=plain_raw, **fit_arguments())
@@ -238,3 +239,86 @@ def test_configuration_errors_name_the_culprit(caplog):
             data_iterator(0), eval_data=data_iterator(1), **fit_arguments()
         )
     assert "pass maximize=True" in caplog.text
+
+
+class FailDuringEvaluation:
+    """An ``eval_batch_end_callback`` raising ``error`` on the second evaluation batch of ``epoch``."""
+
+    def __init__(self, epoch: int, error: BaseException) -> None:
+        self.epoch, self.error, self.batches = epoch, error, 0
+
+    def __call__(self, params) -> None:
+        if params.epoch == self.epoch:
+            self.batches += 1
+            if self.batches == 2:
+                raise self.error
+
+
+def fit_until_failure(tmp_path, error: BaseException):
+    seed_everything()
+    module, raw, reference = new_module([mx.cpu(0)]), RawWeights(), None
+    averaging = ModuleAveraging(module, {"type": "exponential", "decay": DECAY}, checkpoint_prefix=str(tmp_path / "model"))
+    reference = ReferenceEma(module)
+    with pytest.raises(type(error)):
+        averaging.fit(
+            data_iterator(0),
+            eval_data=data_iterator(1),
+            batch_end_callback=reference,
+            epoch_end_callback=raw,
+            eval_batch_end_callback=FailDuringEvaluation(epoch=1, error=error),
+            **fit_arguments(),
+        )
+    arg_params, _ = module.get_params()
+    return averaging, raw, reference, {name: value.asnumpy() for name, value in arg_params.items()}
+
+
+def test_an_exception_during_evaluation_leaves_the_raw_weights(tmp_path, caplog):
+    with caplog.at_level(logging.WARNING, logger="gluonts.modavg_plugin"):
+        averaging, raw, _, final = fit_until_failure(tmp_path, RuntimeError("evaluation data broke"))
+    for name, value in raw.arg_params.items():  # the raw weights of epoch 1, which evaluation interrupted
+        assert_array_equal(final[name], value, err_msg=name)
+    assert not averaging.moving_average.is_assigned
+    assert "training failed: the module keeps its raw weights" in caplog.text
+    assert os.path.exists(tmp_path / "model-0001.params")  # the checkpoint of epoch 0 stays
+
+
+def test_ctrl_c_during_evaluation_ends_with_the_averaged_weights(tmp_path):
+    averaging, raw, reference, final = fit_until_failure(tmp_path, KeyboardInterrupt())
+    for name, value in final.items():
+        assert_allclose(value, reference.shadows[f"arg:{name}"], rtol=1e-5, atol=1e-6, err_msg=name)
+    assert not np.allclose(final["fc1_weight"], raw.arg_params["fc1_weight"])
+    assert mx.nd.load(str(tmp_path / "model-0001.params"))  # the checkpoint of epoch 0 is intact
+
+
+@pytest.mark.parametrize("strategy", [None, {"type": "mean", "num_models": 2, "metric": "accuracy", "maximize": True}])
+def test_stopping_after_epoch_two_and_resuming_ends_as_one_uninterrupted_fit(tmp_path, strategy):
+    arguments = {**fit_arguments(), "num_epoch": 4}  # Adam: its step counters must be restored too
+
+    def averaging_for(folder, resume=False):
+        seed_everything()
+        module = new_module([mx.cpu(0)])
+        averaging = ModuleAveraging(
+            module, {"type": "exponential", "decay": DECAY}, avg_strategy=strategy,
+            checkpoint_prefix=str(folder / "model"), resume=resume,
+        )  # fmt: skip
+        return module, averaging
+
+    module, averaging = averaging_for(tmp_path / "whole")
+    averaging.fit(data_iterator(0), eval_data=data_iterator(1), **arguments)
+    expected = {name: value.asnumpy() for name, value in module.get_params()[0].items()}
+
+    module, averaging = averaging_for(tmp_path / "split")
+    with pytest.raises(KeyboardInterrupt):
+        averaging.fit(
+            data_iterator(0),
+            eval_data=data_iterator(1),
+            eval_batch_end_callback=FailDuringEvaluation(epoch=2, error=KeyboardInterrupt()),
+            **arguments,
+        )
+    module, averaging = averaging_for(tmp_path / "split", resume=True)  # a new process
+    averaging.fit(data_iterator(0), eval_data=data_iterator(1), **arguments)
+    for name, value in module.get_params()[0].items():
+        assert_allclose(value.asnumpy(), expected[name], rtol=1e-5, atol=1e-6, err_msg=name)
+    assert averaging.num_updates == 4 * 6
+    whole = sorted(name for name in os.listdir(tmp_path / "whole"))
+    assert sorted(os.listdir(tmp_path / "split")) == whole

@@ -2,13 +2,22 @@
 
 import os
 import struct
+import subprocess
+import sys
+import threading
 
 import mxnet as mx
 import numpy as np
 import pytest
 from numpy.testing import assert_allclose, assert_array_equal
 
-from modavg_plugin.checkpoints import CheckpointError, WeightedSum, average_checkpoint_files, read_array_names
+from modavg_plugin.checkpoints import (
+    CheckpointError,
+    WeightedSum,
+    average_checkpoint_files,
+    load_params,
+    read_array_names,
+)
 from modavg_plugin.params_files import ParamsFileReader, ParamsFormatError
 
 DTYPES = ["float32", "float16", "float64", "int32", "int64", "uint8", "int8"]
@@ -148,3 +157,215 @@ def test_progress_is_reported_for_every_file_read_or_skipped(tmp_path, caplog):
     assert seen == [good[0], broken, good[1]]
     assert_allclose(averaged["w"].asnumpy(), [2.0, 2.0, 2.0])  # the broken file's weight is dropped
     assert "broken.params" in caplog.text
+
+
+# other formats, special files, and the layouts left to mx.nd.load
+
+
+def list_header(count: int) -> bytes:
+    return struct.pack("<QQQ", 0x112, 0, count)
+
+
+def shape_bytes(*dims: int) -> bytes:
+    return struct.pack("<i", len(dims)) + struct.pack(f"<{len(dims)}q", *dims)
+
+
+def names_bytes(*names: bytes) -> bytes:
+    return struct.pack("<Q", len(names)) + b"".join(struct.pack("<Q", len(name)) + name for name in names)
+
+
+def row_sparse_file(rows, shape=(4, 2), storage_shape=(0, 2)) -> bytes:
+    """A one-array row_sparse .params file as MXNet writes it: row ``rows`` hold 1.0."""
+    values = [1.0] * (len(rows) * shape[1])
+    return (
+        list_header(1)
+        + struct.pack("<Ii", 0xF993FAC9, 1)  # V2 magic, row_sparse
+        + shape_bytes(*storage_shape)
+        + shape_bytes(*shape)
+        + struct.pack("<iii", 1, 0, 0)  # cpu(0), float32
+        + struct.pack("<i", 6)  # int64 row indices
+        + shape_bytes(len(rows))
+        + struct.pack(f"<{len(values)}f", *values)
+        + struct.pack(f"<{len(rows)}q", *rows)
+        + names_bytes(b"w")
+    )
+
+
+def write(path, data: bytes) -> str:
+    open(path, "wb").write(data)
+    return str(path)
+
+
+def test_row_sparse_bytes_built_here_are_what_mxnet_writes(tmp_path):
+    """The builder above is checked against MXNet, so the hostile variants below differ in one field only."""
+    dense = np.zeros((4, 2), np.float32)
+    dense[[0, 2]] = 1.0
+    saved = open(save(tmp_path / "mx.params", {"w": mx.nd.array(dense).tostype("row_sparse")}), "rb").read()
+    # MXNet writes the storage shape before the conversion has set it: (0, 2) or (2, 2) by chance
+    storage_shape = struct.unpack_from("<2q", saved, 24 + 12)
+    assert storage_shape in {(0, 2), (2, 2)}
+    assert saved == row_sparse_file([0, 2], storage_shape=storage_shape)
+
+
+def test_the_first_dimension_of_a_sparse_storage_shape_is_not_trusted_nor_needed(tmp_path):
+    path = write(tmp_path / "w.params", row_sparse_file([1], storage_shape=(1 << 40, 2)))
+    assert ParamsFileReader().open(path) is None
+    assert_allclose(average_checkpoint_files([path], [1.0])["w"].asnumpy(), [[0, 0], [1, 1], [0, 0], [0, 0]])
+
+
+FOREIGN_FILES = {
+    "empty": b"",
+    "JSON": b'{"params_path": "epoch-0001.params", "epoch_no": 1, "score": 0.5}',
+    "random bytes": np.random.RandomState(0).bytes(4096),
+    "a list header only": list_header(3),
+    "NumPy .npy": b"\x93NUMPY\x01\x00v\x00{'descr': '<f4', 'fortran_order': False, 'shape': (2,), }" + b" " * 60,
+}
+
+
+@pytest.mark.parametrize("kind", sorted(FOREIGN_FILES))
+def test_files_of_other_formats_are_refused_and_skipped_when_averaging(tmp_path, caplog, kind):
+    foreign = write(tmp_path / "foreign.params", FOREIGN_FILES[kind])
+    with pytest.raises(ParamsFormatError, match="truncated|not an MXNet .params file"):
+        ParamsFileReader().open(foreign)
+    good = save(tmp_path / "good.params", {"w": mx.nd.array([2.0, 4.0])})
+    averaged = average_checkpoint_files([foreign, good], [0.9, 0.1])
+    assert_allclose(averaged["w"].asnumpy(), [2.0, 4.0])  # the foreign file's weight is dropped
+    assert f"skipping checkpoint file {foreign} is not a readable .params file" in caplog.text
+
+
+def test_a_fifo_named_params_is_refused_without_blocking(tmp_path):
+    fifo = tmp_path / "w.params"
+    os.mkfifo(fifo)
+    # the reader opens without blocking: a regression would wait forever for a writer, so check in a thread
+    outcome = {}
+
+    def open_it():
+        try:
+            ParamsFileReader().open(str(fifo))
+        except ParamsFormatError as error:
+            outcome["error"] = str(error)
+
+    opener = threading.Thread(target=open_it, daemon=True)
+    opener.start()
+    opener.join(timeout=60)
+    assert not opener.is_alive(), "opening a FIFO blocked"
+    assert outcome == {"error": "not a regular file"}
+    with pytest.raises(CheckpointError, match=r"w\.params is not a regular file"):
+        read_array_names(str(fifo))
+
+
+HOSTILE_LAYOUTS = {
+    # declared sizes MXNet would trust: more rows than the shape has, rows of 2**40 values, a terabyte of bfloat16
+    "sparse storage shape": (row_sparse_file([0], storage_shape=(0, 1 << 40)), r"storage shape \(0, 1099511627776\)"),
+    "sparse rows beyond the shape": (row_sparse_file(list(range(5))), "lists 5 rows"),
+    "bfloat16 terabyte": (
+        list_header(1) + struct.pack("<Iii", 0xF993FAC9, 0, 2) + struct.pack("<2q", 1 << 39, 1)
+        + struct.pack("<iii", 1, 0, 12) + b"\0" * 16 + names_bytes(b"w"),
+        "truncated: needs 1099511627776 bytes",
+    ),
+    # MXNet reads a pre-1.0 header as ndim = magic, then ndim uint32 dims: 2**31 of them here
+    "legacy layout": (list_header(1) + struct.pack("<I", 1 << 31) + b"\0" * 64, "header magic 0x80000000"),
+    "unknown storage type": (list_header(1) + struct.pack("<Iii", 0xF993FAC9, 7, 1) + b"\0" * 32, "storage type 7"),
+    "unknown dtype": (
+        list_header(1) + struct.pack("<Iii", 0xF993FAC9, 0, 1) + struct.pack("<q", 2) + struct.pack("<iii", 1, 0, 99)
+        + b"\0" * 8 + names_bytes(b"w"),
+        "unknown dtype flag 99",
+    ),
+    "float sparse indices": (
+        row_sparse_file([0]).replace(struct.pack("<i", 6) + shape_bytes(1), struct.pack("<i", 1) + shape_bytes(1)),
+        "unknown sparse index dtype flag 1",
+    ),
+    "names for some arrays": (row_sparse_file([0])[:-17] + names_bytes(b"w", b"v"), "2 names for 1 arrays"),
+    "trailing bytes": (row_sparse_file([0]) + b"\0", "1 unexpected bytes after the last name"),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("case", sorted(HOSTILE_LAYOUTS))
+def test_layouts_left_to_mx_nd_load_are_size_checked_first(tmp_path, case, monkeypatch):
+    content, message = HOSTILE_LAYOUTS[case]
+    path = write(tmp_path / "hostile.params", content)
+    monkeypatch.setattr(mx.nd, "load", lambda *args: pytest.fail("mx.nd.load saw a file whose sizes are wrong"))
+    with pytest.raises(ParamsFormatError, match=message):
+        ParamsFileReader().open(path)
+    with pytest.raises(CheckpointError, match=r"hostile\.params is not a readable \.params file"):
+        read_array_names(path)
+
+
+@pytest.mark.parametrize(
+    "rows, reason",
+    [([1000000], "out of range"), ([-1], "negative"), ([2, 1], "unsorted"), ([1, 1], "repeated")],
+)
+def test_sparse_indices_out_of_range_are_refused_before_mxnet_densifies_them(tmp_path, rows, reason):
+    path = write(tmp_path / "bad-index.params", row_sparse_file(rows))
+    assert ParamsFileReader().open(path) is None  # sizes are consistent: left to mx.nd.load
+    message = r"bad-index\.params is not a readable .params file \(array 'w': row indices not increasing within \[0, 4\)"
+    with pytest.raises(CheckpointError, match=message):
+        load_params(path)
+
+
+def test_averaging_a_sparse_file_with_an_index_out_of_range_skips_it_and_does_not_abort(tmp_path):
+    """MXNet aborts the whole process (SIGABRT) when it densifies this file: run the average in a child process."""
+    bad = write(tmp_path / "bad-index.params", row_sparse_file([1000000]))
+    good = save(tmp_path / "good.params", {"w": mx.nd.ones((4, 2))})
+    code = (
+        "import logging, sys\n"
+        "logging.basicConfig(level=logging.WARNING, stream=sys.stdout, format='%(message)s')\n"
+        "from modavg_plugin.checkpoints import average_checkpoint_files\n"
+        f"print(average_checkpoint_files([{bad!r}, {good!r}], [0.5, 0.5])['w'].asnumpy().tolist())\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    warning, averaged = result.stdout.strip().splitlines()[-2:]
+    assert warning.startswith(f"skipping checkpoint file {bad} is not a readable .params file (array 'w': row indices")
+    assert averaged == str([[1.0, 1.0]] * 4)
+
+
+def test_csr_files_are_averaged_and_inconsistent_csr_indices_refused(tmp_path):
+    dense = np.array([[3.0, 0.0], [0.0, 5.0]], np.float32)
+    path = save(tmp_path / "csr.params", {"w": mx.nd.array(dense).tostype("csr")})
+    assert_allclose(average_checkpoint_files([path], [1.0])["w"].asnumpy(), dense)
+    data = bytearray(open(path, "rb").read())
+    column_indices_offset = len(data) - 17 - 16  # the last aux array (2 int64 column indices) precedes the names
+    struct.pack_into("<q", data, column_indices_offset + 8, 7)  # the second column index: 7 of 2 columns
+    broken = write(tmp_path / "bad-csr.params", bytes(data))
+    with pytest.raises(CheckpointError, match=r"array 'w': csr column indices outside \[0, 2\)"):
+        load_params(broken)
+
+
+def test_numpy_shape_files_are_skipped_with_mxnets_reason(tmp_path, caplog):
+    path = str(tmp_path / "np.params")
+    mx.npx.set_np()
+    try:
+        mx.npx.save(path, {"w": mx.np.ones((2,)), "s": mx.np.array(1.0)})
+    finally:
+        mx.npx.reset_np()
+    assert ParamsFileReader().open(path) is None  # the V3 layout's sizes check out; mx.nd.load then refuses it
+    good = save(tmp_path / "good.params", {"w": mx.nd.array([2.0, 4.0]), "s": mx.nd.array([1.0])})
+    averaged = average_checkpoint_files([path, good], [0.5, 0.5])
+    assert_allclose(averaged["w"].asnumpy(), [2.0, 4.0])
+    assert f"skipping checkpoint file {path} is not a readable .params file" in caplog.text
+    assert "np shape semantics" in caplog.text
+
+
+# non-finite values
+
+
+def test_a_checkpoint_holding_nan_or_inf_is_skipped_and_the_rest_renormalised(tmp_path, caplog):
+    good = [save(tmp_path / f"good{index}.params", {"w": mx.nd.array([index, 10.0]), "n": mx.nd.array([index], dtype="int32")})
+            for index in (1, 3)]  # fmt: skip
+    nan = save(tmp_path / "nan.params", {"w": mx.nd.array([np.nan, 1.0]), "n": mx.nd.array([9], dtype="int32")})
+    inf = save(tmp_path / "inf.params", {"w": mx.nd.array([1.0, -np.inf]), "n": mx.nd.array([9], dtype="int32")})
+    seen = []
+    averaged = average_checkpoint_files([nan, good[0], inf, good[1]], [0.4, 0.1, 0.4, 0.1], progress=seen.append)
+    assert_allclose(averaged["w"].asnumpy(), [2.0, 10.0])
+    assert averaged["n"].asnumpy().tolist() == [1]  # integers from the first usable checkpoint
+    assert seen == [nan, good[0], inf, good[1]]
+    assert f"skipping checkpoint file {nan}: it holds NaN or infinite values" in caplog.text
+    assert f"skipping checkpoint file {inf}: it holds NaN or infinite values" in caplog.text
+
+
+def test_only_non_finite_checkpoints_is_an_error_naming_them(tmp_path):
+    nan = save(tmp_path / "nan.params", {"w": mx.nd.array([np.nan])})
+    inf = save(tmp_path / "inf.params", {"w": mx.nd.array([np.inf])})
+    with pytest.raises(CheckpointError, match=rf"NaN or infinite values in {nan}, {inf}"):
+        average_checkpoint_files([nan, inf], [0.5, 0.5])

@@ -176,3 +176,89 @@ def test_unreadable_epoch_info_is_skipped(tmp_path, caplog):
         records_read = SelectNBestMean.get_checkpoint_information(str(tmp_path))
     assert [record["epoch_no"] for record in records_read] == [0]
     assert any("junk-epoch-info.json" in record.getMessage() for record in caplog.records)
+
+
+# hostile metric values
+
+
+def test_metric_values_that_are_not_finite_numbers_are_excluded_with_one_warning(caplog):
+    checkpoints = records([2.0, "0.1", True, None, math.nan, -math.inf, 10**400, 3, [0.5]])
+    checkpoints.append({"params_path": "p9", "epoch_no": 9})  # no score at all
+    with caplog.at_level(logging.WARNING, logger="gluonts.modavg_plugin"):
+        paths, weights = SelectNBestMean(num_models=5).select_checkpoints(checkpoints)
+    assert paths == ["p0", "p7"] and weights == [0.5, 0.5]  # 2.0 and the integer 3
+    (warning,) = [record.getMessage() for record in caplog.records]
+    assert warning.startswith("not selecting 8 of 10 checkpoints: ")
+    for reason in [
+        "p1: 'score' is '0.1' (str), not a number",
+        "p2: 'score' is True (bool), not a number",
+        "p3: 'score' is None (NoneType), not a number",
+        "p4: 'score' is nan (float), not finite",
+        "p5: 'score' is -inf (float), not finite",
+        "p6: 'score' is an integer of about 401 digits (int), not finite",
+        "p8: 'score' is [0.5] (list), not a number",
+        "p9: no 'score'",
+    ]:
+        assert reason in warning
+
+
+def test_huge_finite_scores_are_ranked_as_they_are():
+    """1e308 is a legal float: a very bad loss, or the best accuracy when maximising; weights stay finite."""
+    scores = [1e308, -1e308, 0.5, 5e-324]
+    assert SelectNBestMean(num_models=2).select_checkpoints(records(scores))[0] == ["p1", "p3"]
+    paths, weights = SelectNBestSoftmax(num_models=4, maximize=True).select_checkpoints(records(scores))
+    assert paths == ["p0", "p2", "p3", "p1"] and weights == [1.0, 0.0, 0.0, 0.0]
+
+
+def test_only_unrankable_values_is_an_error_listing_them():
+    with pytest.raises(CheckpointError, match=r"no checkpoint has a finite 'score': p0: 'score' is 'x' \(str\), not a number; p1"):
+        SelectNBestMean().select_checkpoints(records(["x", math.inf]))
+
+
+def test_a_metric_missing_from_some_records_only_excludes_those(caplog):
+    checkpoints = [{"params_path": "p0", "epoch_no": 0, "accuracy": 0.5}, {"params_path": "p1", "epoch_no": 1}]
+    with caplog.at_level(logging.WARNING, logger="gluonts.modavg_plugin"):
+        assert SelectNBestMean(metric="accuracy").select_checkpoints(checkpoints) == (["p0"], [1.0])
+    assert "not selecting 1 of 2 checkpoints: p1: no 'accuracy'" in caplog.text
+
+
+# apply, end to end
+
+
+def test_apply_selects_the_next_best_when_the_best_checkpoint_is_unreadable(tmp_path, caplog):
+    write_checkpoint(tmp_path, 0, 3.0, {"w": [30.0]})
+    write_checkpoint(tmp_path, 1, 1.0, {"w": [10.0]})
+    broken = write_checkpoint(tmp_path, 2, 0.5, {"w": [1000.0]})
+    write_checkpoint(tmp_path, 3, 2.0, {"w": [20.0]})
+    open(broken, "wb").write(b"")
+    with caplog.at_level(logging.WARNING, logger="gluonts.modavg_plugin"):
+        averaged = load_params(SelectNBestMean(num_models=2).apply(str(tmp_path)))
+    assert_allclose(averaged["w"].asnumpy(), [15.0])  # epochs 1 and 3
+    assert "epoch-0002-epoch-info.json" in caplog.text and "epoch-0002.params" in caplog.text
+
+
+def test_apply_skips_a_checkpoint_holding_nan_values(tmp_path, caplog):
+    write_checkpoint(tmp_path, 0, 1.0, {"w": [2.0, 2.0]})
+    write_checkpoint(tmp_path, 1, 2.0, {"w": [4.0, 4.0]})
+    diverged = write_checkpoint(tmp_path, 2, 0.5, {"w": [np.nan, 1.0]})
+    with caplog.at_level(logging.WARNING, logger="gluonts.modavg_plugin"):
+        averaged = load_params(SelectNBestSoftmax(num_models=3).apply(str(tmp_path)))
+    w1 = 1 / (1 + math.exp(-1.0))  # softmax of the losses 1 and 2, renormalised without the NaN checkpoint
+    assert_allclose(averaged["w"].asnumpy(), [2.0 * w1 + 4.0 * (1 - w1)] * 2, rtol=1e-6)
+    assert f"skipping checkpoint file {diverged}: it holds NaN or infinite values" in caplog.text
+
+
+def test_apply_refuses_params_outside_the_folder_unless_allowed(tmp_path, caplog):
+    run, elsewhere = tmp_path / "run", tmp_path / "elsewhere"
+    run.mkdir()
+    elsewhere.mkdir()
+    write_checkpoint(run, 0, 2.0, {"w": [2.0]})
+    outside = write_checkpoint(elsewhere, 1, 1.0, {"w": [4.0]})
+    save_epoch_info(str(run / "epoch-0001"), {"params_path": outside, "epoch_no": 1, "score": 1.0})
+    with caplog.at_level(logging.WARNING, logger="gluonts.modavg_plugin"):
+        assert_allclose(load_params(SelectNBestMean().apply(str(run)))["w"].asnumpy(), [2.0])
+    assert "epoch-0001-epoch-info.json" in caplog.text and "outside the folder" in caplog.text
+    averaged = load_params(SelectNBestMean().apply(str(run), allow_outside_folder=True))
+    assert_allclose(averaged["w"].asnumpy(), [3.0])
+    records_read = SelectNBestMean.get_checkpoint_information(str(run), allow_outside_folder=True)
+    assert [record["params_path"] for record in records_read] == [str(run / "epoch-0000.params"), outside]
