@@ -19,6 +19,7 @@ plugin reaches into a host's private state.
 import logging
 import os
 import tempfile
+import warnings
 from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple, Union
 
 import mxnet as mx
@@ -172,10 +173,14 @@ class ModuleAveraging:
         for argument, callback in self.callbacks().items():
             fit_arguments[argument] = _as_list(fit_arguments.get(argument)) + [callback]
         self._with_validation = eval_data is not None
-        if self.resume and os.path.isfile(self._state_path()):
+        resuming = self.resume and os.path.isfile(self._state_path())
+        if resuming:
             fit_arguments["begin_epoch"] = self._load_state(train_data, fit_arguments)
         try:
-            self.module.fit(train_data, eval_data=eval_data, **fit_arguments)
+            with warnings.catch_warnings():
+                if resuming:  # Module.fit's own init_params finds the resumed weights: expected, not news
+                    warnings.filterwarnings("ignore", message="Parameters already initialized", category=UserWarning)
+                self.module.fit(train_data, eval_data=eval_data, **fit_arguments)
         except KeyboardInterrupt:
             self.finish()
             raise
