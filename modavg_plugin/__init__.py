@@ -10,7 +10,7 @@ the GluonTS callbacks (and GluonTS itself) are imported on first use of
 import importlib
 from typing import Any
 
-from .averages import ExponentialMovingAverage, MovingAverage
+from .averages import CumulativeMovingAverage, ExponentialMovingAverage, MovingAverage
 from .checkpoints import CheckpointError, save_epoch_info
 from .registry import ConfigurationError, Registrable
 from .strategies import AveragingStrategy, SelectNBestMean, SelectNBestSoftmax
@@ -25,6 +25,7 @@ __all__ = [
     "CheckpointAveragingCallback",
     "CheckpointError",
     "ConfigurationError",
+    "CumulativeMovingAverage",
     "ExponentialAveragingCallback",
     "ExponentialMovingAverage",
     "MovingAverage",

@@ -35,9 +35,11 @@ from .registry import ConfigurationError, Registrable
 from .update_kernels import UpdateGroup, group_key, update_group_for
 
 __all__ = [
+    "CumulativeMovingAverage",
     "ExponentialMovingAverage",
     "MovingAverage",
     "check_exponential_arguments",
+    "cumulative_decay",
     "exponential_decay",
 ]
 
@@ -57,6 +59,19 @@ def exponential_decay(
     if isinstance(num_updates, bool) or not isinstance(num_updates, (int, np.integer)) or num_updates < 0:
         raise ValueError(f"num_updates must be an integer >= 0 or None, got {num_updates!r}")
     return min(decay, (numerator + num_updates) / (denominator + num_updates))
+
+
+def cumulative_decay(eta: float, count: int) -> float:
+    """The decay of the ``count``-th step of a cumulative average: ``1 - (eta + 1) / (eta + count)``.
+
+    ``count = 1`` gives 0 (the first step copies the weights); with
+    ``eta = 0`` the shadow after ``count`` steps is the arithmetic mean of the
+    ``count`` values seen; ``eta > 0`` weights later values more (GluonTS's
+    polynomial-decay averaging).
+    """
+    if isinstance(count, bool) or not isinstance(count, (int, np.integer)) or count < 1:
+        raise ValueError(f"count must be an integer >= 1, got {count!r}")
+    return 1.0 - (eta + 1.0) / (eta + count)
 
 
 def _check_unit_interval(name: str, value: float) -> None:
@@ -295,4 +310,46 @@ class ExponentialMovingAverage(MovingAverage):
             The number of optimiser steps so far; enables the warm-up decay.
         """
         self._update_shadows(exponential_decay(self.decay, num_updates, self.numerator, self.denominator))
+        self.num_applied += 1
+
+
+@MovingAverage.register("cumulative")
+class CumulativeMovingAverage(MovingAverage):
+    """Equal-weight running mean of the weights (SWA, Polyak averaging), or polynomial-decay weights.
+
+    Use it to average a fixed stretch of training (e.g. the last epochs at a
+    constant or cyclic learning rate, as SWA does) rather than a window that
+    slides: every update counts equally (``eta = 0``), however long the run.
+    The first :meth:`apply` copies the weights (those at construction are not
+    counted, as in PyTorch's ``AveragedModel`` and GluonTS's iteration
+    averaging); the n-th moves each shadow by ``(eta + 1) / (eta + n)`` of its
+    distance to the weights.
+
+    Parameters
+    ----------
+    eta
+        Polynomial decay, a finite number >= 0: 0 gives the arithmetic mean;
+        larger values weight later updates more (GluonTS's ``eta``).
+    """
+
+    def __init__(
+        self,
+        parameters: Iterable[Tuple[str, ParameterLike]],
+        eta: float = 0.0,
+        shadow_context: Union[None, str, mx.Context] = None,
+    ) -> None:
+        _check_finite("eta", eta, 0.0, low_inclusive=True)
+        super().__init__(parameters, shadow_context)
+        self.eta = float(eta)
+
+    def apply(self, num_updates: Optional[int] = None) -> None:
+        """Add the parameters' current values to the average.
+
+        Parameters
+        ----------
+        num_updates
+            Ignored: the weights depend on how many updates were averaged
+            (:attr:`num_applied`), not on the optimiser's step count.
+        """
+        self._update_shadows(cumulative_decay(self.eta, self.num_applied + 1))
         self.num_applied += 1

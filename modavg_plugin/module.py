@@ -202,11 +202,10 @@ class ModuleAveraging:
         if self.moving_average is None:
             parameters = module_arrays(self.module, include_aux=self.aux_states == "average")
             self.moving_average = MovingAverage.from_config(self.average_config, parameters=parameters)
-            if self._resumed_state is None:
-                return
-            self.moving_average.load_state_dict(self._resumed_state)
-            self._resumed_state = None
-        self.moving_average.apply(num_updates=self.num_updates)
+            if self._resumed_state is not None:
+                self.moving_average.load_state_dict(self._resumed_state)
+                self._resumed_state = None
+        self.moving_average.apply(num_updates=self.num_updates)  # the first: the shadows stay these weights
 
     def on_epoch_end(self, epoch: int, symbol: mx.sym.Symbol, arg_params: Mapping, aux_params: Mapping) -> None:
         """Swap the averages in for ``score``; without validation, save the epoch now."""

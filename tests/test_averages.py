@@ -258,3 +258,59 @@ def test_swapping_between_steps_leaves_multi_device_training_bit_for_bit_identic
     for copies, other_copies in zip(reference, swapped):
         for copy, other in zip(copies, other_copies):
             assert_array_equal(copy, other)
+
+
+def _apply_sequence(average, net: mx.gluon.Block, values: list) -> None:
+    """Set the network's weights to each of ``values`` (per parameter) in turn, applying the average after each."""
+    for step, by_name in enumerate(values, start=1):
+        for name, parameter in net.collect_params().items():
+            parameter.set_data(mx.nd.array(by_name[name]))
+        average.apply(num_updates=step)
+
+
+def _random_weights(net: mx.gluon.Block, count: int, seed: int) -> list:
+    rng = np.random.default_rng(seed)
+    return [{name: rng.standard_normal(p.shape) for name, p in net.collect_params().items()} for _ in range(count)]
+
+
+def test_cumulative_average_is_the_arithmetic_mean_of_the_applied_weights():
+    from modavg_plugin import CumulativeMovingAverage
+
+    net = mx.gluon.nn.Dense(3, in_units=4)
+    net.initialize(mx.init.Constant(100.0))  # the weights at construction are not counted
+    average = MovingAverage.from_config({"type": "cumulative"}, parameters=net.collect_params().items())
+    assert isinstance(average, CumulativeMovingAverage)
+    values = _random_weights(net, 7, seed=0)
+    _apply_sequence(average, net, values)
+    for name, shadow in average.shadows.items():
+        expected = np.mean([value[name] for value in values], axis=0)
+        np.testing.assert_allclose(shadow.asnumpy(), expected, rtol=1e-5, atol=1e-6, err_msg=name)
+
+
+@pytest.mark.parametrize("eta", [0.0, 1.0, 3.5])
+def test_cumulative_average_with_eta_matches_gluonts_iteration_averaging(eta):
+    """GluonTS's own polynomial-decay averaging (IterationAveragingStrategy) as the reference."""
+    from gluonts.mx.trainer.model_iteration_averaging import IterationAveragingStrategy
+
+    net = mx.gluon.nn.Dense(3, in_units=4)
+    net.initialize()
+    ours = MovingAverage.from_config({"type": "cumulative", "eta": eta}, parameters=net.collect_params().items())
+    reference = IterationAveragingStrategy(eta=eta)
+    values = _random_weights(net, 9, seed=1)
+    for step, by_name in enumerate(values, start=1):
+        for name, parameter in net.collect_params().items():
+            parameter.set_data(mx.nd.array(by_name[name]))
+        ours.apply(num_updates=step)
+        reference.update_average(net)
+    for name, shadow in ours.shadows.items():
+        np.testing.assert_allclose(shadow.asnumpy(), reference.averaged_model[name].asnumpy(), rtol=1e-5, atol=1e-6)
+        plain_mean = np.mean([value[name] for value in values], axis=0)
+        assert np.allclose(shadow.asnumpy(), plain_mean, rtol=1e-5, atol=1e-6) == (eta == 0)  # eta > 0: later count more
+
+
+@pytest.mark.parametrize("eta", [-0.5, float("nan"), float("inf")])
+def test_cumulative_average_refuses_a_bad_eta(eta):
+    net = mx.gluon.nn.Dense(1, in_units=1)
+    net.initialize()
+    with pytest.raises(ConfigurationError, match=r"eta must be a finite number >= 0"):
+        MovingAverage.from_config({"type": "cumulative", "eta": eta}, parameters=net.collect_params().items())

@@ -322,3 +322,21 @@ def test_stopping_after_epoch_two_and_resuming_ends_as_one_uninterrupted_fit(tmp
     assert averaging.num_updates == 4 * 6
     whole = sorted(name for name in os.listdir(tmp_path / "whole"))
     assert sorted(os.listdir(tmp_path / "split")) == whole
+
+
+def test_cumulative_average_under_module_fit_is_the_mean_of_every_update():
+    seed_everything()
+    module = new_module([mx.cpu(0)])
+    averaging = ModuleAveraging(module, {"type": "cumulative"})
+    after_each_update = []
+    averaging.fit(
+        data_iterator(0),
+        eval_data=data_iterator(1),
+        batch_end_callback=lambda params: after_each_update.append(executor_values(module)),
+        **fit_arguments(),
+    )
+    assert len(after_each_update) == EPOCHS * 6
+    arg_params, aux_params = module.get_params()
+    for name, value in {**{f"arg:{n}": v for n, v in arg_params.items()}, **{f"aux:{n}": v for n, v in aux_params.items()}}.items():
+        expected = np.mean([values[name].astype(np.float64) for values in after_each_update], axis=0)
+        assert_allclose(value.asnumpy(), expected, rtol=1e-5, atol=1e-6, err_msg=name)
