@@ -17,7 +17,7 @@ from .strategies import AveragingStrategy, SelectNBestMean, SelectNBestSoftmax
 
 __version__ = "0.1.0"
 
-_GLUONTS_NAMES = {"AveragingCallback", "CheckpointAveragingCallback", "ExponentialAveragingCallback"}
+_GLUONTS_NAMES = {"AveragingCallback", "CheckpointAveragingCallback", "ExponentialAveragingCallback", "MovingAverageCallback"}
 
 __all__ = [
     "AveragingCallback",
@@ -29,6 +29,7 @@ __all__ = [
     "ExponentialAveragingCallback",
     "ExponentialMovingAverage",
     "MovingAverage",
+    "MovingAverageCallback",
     "Registrable",
     "SelectNBestMean",
     "SelectNBestSoftmax",

@@ -10,6 +10,7 @@ our result at the end of training. Every hook is our own; nothing of
 Hooks take ``**kwargs``: GluonTS has renamed hook arguments between versions.
 """
 
+import inspect
 import logging
 import math
 import os
@@ -19,14 +20,14 @@ import mxnet as mx
 from gluonts.core.component import validated
 from gluonts.mx.trainer.model_averaging import ModelAveraging
 
-from .averages import ExponentialMovingAverage, check_exponential_arguments
+from .averages import MovingAverage, check_exponential_arguments
 from .checkpoint_log import CheckpointLog
 from .checkpoints import arrays_named, read_state_file, save_state_file
 from .parameters import NamedParameters, as_context, device_copies, named_parameters, write_into_parameters
 from .registry import ConfigurationError, Registrable
 from .strategies import AveragingStrategy
 
-__all__ = ["AveragingCallback", "CheckpointAveragingCallback", "ExponentialAveragingCallback"]
+__all__ = ["AveragingCallback", "CheckpointAveragingCallback", "ExponentialAveragingCallback", "MovingAverageCallback"]
 
 logger = logging.getLogger("gluonts.modavg_plugin.callbacks")
 
@@ -308,27 +309,30 @@ class CheckpointAveragingCallback(AveragingCallback):
             self.assign_checkpoint_average(fallback="its last raw weights")
 
 
-@AveragingCallback.register("exponential")
-class ExponentialAveragingCallback(AveragingCallback):
-    """EMA of the weights, updated after every optimiser step.
+@AveragingCallback.register("moving_average")
+class MovingAverageCallback(AveragingCallback):
+    """Any registered moving average of the weights, updated after every optimiser step.
 
-    The default callback: use it when the last iterate is noisy. After the
-    k-th step it calls ``apply(num_updates=k)`` (warm-up
-    ``min(decay, (numerator + k) / (denominator + k))``); validation runs
-    with the averages swapped in; each epoch's average is saved. At the end
-    the network holds the final EMA, or with ``avg_strategy`` the strategy's
-    average of the saved per-epoch EMAs. With validation data and
-    ``compare_raw``, each epoch's log line and :attr:`history` entry
+    Use it for the averages without a callback of their own, e.g.
+    ``{"type": "moving_average", "average": {"type": "cumulative"}}`` for an
+    equal-weight (SWA / Polyak) average of every step. After the k-th step it
+    calls ``apply(num_updates=k)``; validation runs with the averages swapped
+    in, one forward pass at a time; each epoch's average is saved. At the end
+    the network holds the final average, or with ``avg_strategy`` the
+    strategy's average of the saved per-epoch averages. With validation data
+    and ``compare_raw``, each epoch's log line and :attr:`history` entry
     (``raw_validation_loss``) also give the raw weights' validation loss.
 
     Parameters
     ----------
-    decay, numerator, denominator
-        As in :class:`~modavg_plugin.ExponentialMovingAverage`.
+    average
+        A :class:`~modavg_plugin.MovingAverage` config without ``parameters``
+        and ``shadow_context``: a dict such as ``{"type": "cumulative",
+        "eta": 0}``; ``None``: ``{"type": "exponential"}``.
     avg_strategy
         An :class:`~modavg_plugin.AveragingStrategy` (in a config, a name or
         a dict) with ``metric="score"``: end with its average of the best
-        per-epoch EMAs; ``None``: end with the final EMA.
+        per-epoch averages; ``None``: end with the final average.
     checkpoint_dir
         Folder for the per-epoch checkpoints, kept after training; ``None``:
         a temporary folder, removed at the end of training.
@@ -350,24 +354,20 @@ class ExponentialAveragingCallback(AveragingCallback):
     @validated()
     def __init__(
         self,
-        decay: float = 0.9999,
-        numerator: float = 1.0,
-        denominator: float = 10.0,
+        average: Optional[Dict[str, Any]] = None,
         avg_strategy: Optional[AveragingStrategy] = None,
         checkpoint_dir: Optional[str] = None,
         shadow_context: Optional[str] = None,
         compare_raw: bool = True,
         resume: bool = False,
     ) -> None:
-        check_exponential_arguments(decay, numerator, denominator)
+        self.average = {"type": MovingAverage.default_implementation, **(average or {})}
+        check_average_config(self.average)
         as_context(shadow_context)  # refuse a bad value now, not at the first epoch
         super().__init__(avg_strategy, checkpoint_dir, resume)
-        self.decay = decay
-        self.numerator = numerator
-        self.denominator = denominator
         self.shadow_context = shadow_context
         self.compare_raw = compare_raw
-        self.moving_average: Optional[ExponentialMovingAverage] = None
+        self.moving_average: Optional[MovingAverage] = None
         self.num_updates = 0
         self._validation = AveragedValidation(
             swap_average=lambda: self.moving_average.assign_average_value(),
@@ -397,12 +397,8 @@ class ExponentialAveragingCallback(AveragingCallback):
         self.num_updates = int(state["num_updates"])
 
     def _start_moving_average(self) -> None:
-        self.moving_average = ExponentialMovingAverage(
-            self._parameters,
-            decay=self.decay,
-            numerator=self.numerator,
-            denominator=self.denominator,
-            shadow_context=self.shadow_context,
+        self.moving_average = MovingAverage.from_config(
+            {**self.average, "shadow_context": self.shadow_context}, parameters=self._parameters
         )
 
     def on_train_epoch_start(self, training_network: mx.gluon.HybridBlock, **kwargs: Any) -> None:
@@ -458,6 +454,53 @@ class ExponentialAveragingCallback(AveragingCallback):
                 return
         self.moving_average.keep_average_value()
         logger.info("the network holds the moving average after %d updates", self.num_updates)
+
+
+@AveragingCallback.register("exponential")
+class ExponentialAveragingCallback(MovingAverageCallback):
+    """EMA of the weights, updated after every optimiser step.
+
+    The default callback: use it when the last iterate is noisy. A
+    ``"moving_average"`` callback with an ``"exponential"`` average, with the
+    EMA's arguments at the top level: after the k-th step the decay is
+    ``min(decay, (numerator + k) / (denominator + k))``. The other arguments
+    are those of :class:`MovingAverageCallback`.
+
+    Parameters
+    ----------
+    decay, numerator, denominator
+        As in :class:`~modavg_plugin.ExponentialMovingAverage`.
+    """
+
+    @validated()
+    def __init__(
+        self,
+        decay: float = 0.9999,
+        numerator: float = 1.0,
+        denominator: float = 10.0,
+        avg_strategy: Optional[AveragingStrategy] = None,
+        checkpoint_dir: Optional[str] = None,
+        shadow_context: Optional[str] = None,
+        compare_raw: bool = True,
+        resume: bool = False,
+    ) -> None:
+        check_exponential_arguments(decay, numerator, denominator)
+        average = {"type": "exponential", "decay": decay, "numerator": numerator, "denominator": denominator}
+        super().__init__(average, avg_strategy, checkpoint_dir, shadow_context, compare_raw, resume)
+        self.decay = decay
+        self.numerator = numerator
+        self.denominator = denominator
+
+
+def check_average_config(config: Mapping[str, Any]) -> None:
+    """Refuse an unknown average name or argument now, not at the first epoch (``ConfigurationError``)."""
+    implementation = MovingAverage.by_name(str(config["type"]))
+    accepted = set(inspect.signature(implementation.__init__).parameters) - {"self", "parameters", "shadow_context"}
+    unknown = sorted(set(config) - accepted - {"type"})
+    if unknown:
+        raise ConfigurationError(
+            f"average: unknown key {unknown[0]!r} for {config['type']!r}; accepted: {sorted(accepted)}"
+        )
 
 
 def network_parameters(network: mx.gluon.Block) -> NamedParameters:

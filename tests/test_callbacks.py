@@ -269,7 +269,7 @@ def test_bad_callback_configs_are_refused(config, message):
 
 
 def test_registered_callbacks():
-    assert AveragingCallback.list_available() == ["exponential", "checkpoints"]
+    assert AveragingCallback.list_available() == ["exponential", "checkpoints", "moving_average"]
 
 
 def test_shadows_start_from_weights_set_by_a_later_callback_at_initialisation():
@@ -404,3 +404,24 @@ def test_ctrl_c_during_validation_ends_with_the_average_and_intact_checkpoints(t
     expected = independent_ema(probe.raw_after_step, 0.9, 6)
     assert_weights_close({probe.network.prefix + name: value.asnumpy() for name, value in saved.items()}, expected)
     assert not [name for name in os.listdir(tmp_path) if name.startswith(".tmp-")]
+
+
+def test_cumulative_average_callback_ends_with_the_mean_of_every_step():
+    callback = AveragingCallback.from_config({"type": "moving_average", "average": {"type": "cumulative"}})
+    probe = train(callback, epochs=3, batches=3)
+    steps = probe.raw_after_step[1:]  # the weights at initialisation are not counted
+    assert len(steps) == 9
+    assert_weights_close(read_weights(probe.network), mean_of(steps))
+    # validation saw the running mean of the steps so far
+    for epoch, validated in enumerate(probe.during_validation):
+        assert_weights_close(validated, mean_of(steps[: 3 * (epoch + 1)]))
+
+
+def test_moving_average_callback_round_trips_through_serde_and_refuses_bad_averages():
+    callback = AveragingCallback.from_config({"type": "moving_average", "average": {"type": "cumulative", "eta": 1.5}})
+    restored = serde.load_json(serde.dump_json(callback))
+    assert restored.average == {"type": "cumulative", "eta": 1.5}
+    with pytest.raises(ConfigurationError, match="unknown key 'decay' for 'cumulative'"):
+        AveragingCallback.from_config({"type": "moving_average", "average": {"type": "cumulative", "decay": 0.9}})
+    with pytest.raises(ConfigurationError, match="did you mean 'cumulative'"):
+        AveragingCallback.from_config({"type": "moving_average", "average": {"type": "cumulativ"}})
