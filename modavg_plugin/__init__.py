@@ -10,7 +10,7 @@ the GluonTS callbacks (and GluonTS itself) are imported on first use of
 import importlib
 from typing import Any
 
-from .averages import CumulativeMovingAverage, ExponentialMovingAverage, MovingAverage
+from .averages import CumulativeMovingAverage, ExponentialMovingAverage, MovingAverage, PowerMovingAverage
 from .checkpoints import CheckpointError, save_epoch_info
 from .registry import ConfigurationError, Registrable
 from .strategies import AveragingStrategy, SelectNBestMean, SelectNBestSoftmax
@@ -30,6 +30,7 @@ __all__ = [
     "ExponentialMovingAverage",
     "MovingAverage",
     "MovingAverageCallback",
+    "PowerMovingAverage",
     "Registrable",
     "SelectNBestMean",
     "SelectNBestSoftmax",

@@ -38,9 +38,12 @@ __all__ = [
     "CumulativeMovingAverage",
     "ExponentialMovingAverage",
     "MovingAverage",
+    "PowerMovingAverage",
     "check_exponential_arguments",
     "cumulative_decay",
     "exponential_decay",
+    "power_decay",
+    "sigma_rel_to_gamma",
 ]
 
 logger = logging.getLogger("gluonts.modavg_plugin.averages")
@@ -72,6 +75,33 @@ def cumulative_decay(eta: float, count: int) -> float:
     if isinstance(count, bool) or not isinstance(count, (int, np.integer)) or count < 1:
         raise ValueError(f"count must be an integer >= 1, got {count!r}")
     return 1.0 - (eta + 1.0) / (eta + count)
+
+
+MAX_SIGMA_REL = math.sqrt(1.0 / 12.0)
+"""The relative width of the power-function profile as ``gamma`` tends to 0 (an equal-weight mean)."""
+
+
+def sigma_rel_to_gamma(sigma_rel: float) -> float:
+    """The exponent ``gamma`` whose power-function EMA has relative standard deviation ``sigma_rel``.
+
+    Karras et al. (2024), eq. 3: ``sigma_rel**2 = (gamma + 1) / ((gamma + 2)**2 (gamma + 3))``, i.e. the
+    largest real root of ``gamma**3 + 7 gamma**2 + (16 - t) gamma + (12 - t)`` with ``t = sigma_rel**-2``.
+    """
+    if not (isinstance(sigma_rel, (int, float)) and 0.0 < sigma_rel < MAX_SIGMA_REL):
+        raise ConfigurationError(f"sigma_rel must be a number in (0, {MAX_SIGMA_REL:.4f}), got {sigma_rel!r}")
+    t = sigma_rel**-2
+    return float(max(root.real for root in np.roots([1.0, 7.0, 16.0 - t, 12.0 - t]) if abs(root.imag) < 1e-9))
+
+
+def power_decay(gamma: float, count: int) -> float:
+    """The decay of the ``count``-th step of a power-function EMA: ``(1 - 1 / count) ** (gamma + 1)``.
+
+    After ``t`` steps the value of step ``k`` has weight
+    ``(k**(gamma + 1) - (k - 1)**(gamma + 1)) / t**(gamma + 1)``, roughly proportional to ``k**gamma``.
+    """
+    if isinstance(count, bool) or not isinstance(count, (int, np.integer)) or count < 1:
+        raise ValueError(f"count must be an integer >= 1, got {count!r}")
+    return (1.0 - 1.0 / count) ** (gamma + 1.0)
 
 
 def _check_unit_interval(name: str, value: float) -> None:
@@ -352,4 +382,46 @@ class CumulativeMovingAverage(MovingAverage):
             (:attr:`num_applied`), not on the optimiser's step count.
         """
         self._update_shadows(cumulative_decay(self.eta, self.num_applied + 1))
+        self.num_applied += 1
+
+
+@MovingAverage.register("power")
+class PowerMovingAverage(MovingAverage):
+    """Power-function EMA (Karras et al., "Analyzing and Improving the Training Dynamics of Diffusion Models", 2024).
+
+    Use it when the right averaging length should not depend on how long
+    training runs: the profile scales with the run, weighting step ``k`` of
+    ``t`` roughly as ``k**gamma``, so it always covers the same fraction of
+    training (``sigma_rel``: the profile's standard deviation relative to
+    ``t``). The first :meth:`apply` copies the weights; the n-th uses the
+    decay ``(1 - 1/n) ** (gamma + 1)``.
+
+    Parameters
+    ----------
+    gamma
+        The exponent, a finite number > 0; give ``gamma`` or ``sigma_rel``.
+    sigma_rel
+        The relative width instead, in (0, 0.2887): 0.05 averages about the
+        last tenth of training, larger values longer; used when ``gamma`` is
+        ``None``.
+    """
+
+    def __init__(
+        self,
+        parameters: Iterable[Tuple[str, ParameterLike]],
+        gamma: Optional[float] = None,
+        sigma_rel: Optional[float] = 0.05,
+        shadow_context: Union[None, str, mx.Context] = None,
+    ) -> None:
+        if gamma is None:
+            if sigma_rel is None:
+                raise ConfigurationError("give gamma or sigma_rel")
+            gamma = sigma_rel_to_gamma(sigma_rel)
+        _check_finite("gamma", gamma, 0.0, low_inclusive=False)
+        super().__init__(parameters, shadow_context)
+        self.gamma = float(gamma)
+
+    def apply(self, num_updates: Optional[int] = None) -> None:
+        """Add the parameters' current values to the average (``num_updates`` is ignored, as for ``"cumulative"``)."""
+        self._update_shadows(power_decay(self.gamma, self.num_applied + 1))
         self.num_applied += 1

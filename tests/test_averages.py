@@ -314,3 +314,47 @@ def test_cumulative_average_refuses_a_bad_eta(eta):
     net.initialize()
     with pytest.raises(ConfigurationError, match=r"eta must be a finite number >= 0"):
         MovingAverage.from_config({"type": "cumulative", "eta": eta}, parameters=net.collect_params().items())
+
+
+@pytest.mark.parametrize("gamma", [0.5, 6.94, 16.97])
+def test_power_average_has_the_closed_form_weight_profile(gamma):
+    """Karras et al. 2024: after t steps, step k weighs (k**(g+1) - (k-1)**(g+1)) / t**(g+1)."""
+    net = mx.gluon.nn.Dense(3, in_units=4)
+    net.initialize()
+    average = MovingAverage.from_config({"type": "power", "gamma": gamma}, parameters=net.collect_params().items())
+    values = _random_weights(net, 12, seed=2)
+    _apply_sequence(average, net, values)
+    t = len(values)
+    weights = np.array([(k ** (gamma + 1) - (k - 1) ** (gamma + 1)) / t ** (gamma + 1) for k in range(1, t + 1)])
+    assert math.isclose(weights.sum(), 1.0, rel_tol=1e-12)
+    for name, shadow in average.shadows.items():
+        expected = np.tensordot(weights, np.array([value[name] for value in values]), axes=1)
+        np.testing.assert_allclose(shadow.asnumpy(), expected, rtol=1e-5, atol=1e-6, err_msg=name)
+
+
+@pytest.mark.parametrize("sigma_rel, gamma", [(0.05, 16.97), (0.10, 6.94)])  # the paper's pairs
+def test_power_average_takes_sigma_rel_as_in_the_paper(sigma_rel, gamma):
+    from modavg_plugin.averages import sigma_rel_to_gamma
+
+    assert sigma_rel_to_gamma(sigma_rel) == pytest.approx(gamma, abs=0.005)
+    found = sigma_rel_to_gamma(sigma_rel)
+    assert math.sqrt((found + 1) / ((found + 2) ** 2 * (found + 3))) == pytest.approx(sigma_rel, rel=1e-12)
+    net = mx.gluon.nn.Dense(1, in_units=1)
+    net.initialize()
+    average = MovingAverage.from_config({"type": "power", "sigma_rel": sigma_rel}, parameters=net.collect_params().items())
+    assert average.gamma == pytest.approx(gamma, abs=0.005)
+
+
+@pytest.mark.parametrize(
+    "config, message",
+    [
+        ({"sigma_rel": 0.3}, r"sigma_rel must be a number in \(0, 0.2887\)"),
+        ({"sigma_rel": None}, "give gamma or sigma_rel"),
+        ({"gamma": -1.0}, r"gamma must be a finite number > 0"),
+    ],
+)
+def test_power_average_refuses_bad_arguments(config, message):
+    net = mx.gluon.nn.Dense(1, in_units=1)
+    net.initialize()
+    with pytest.raises(ConfigurationError, match=message):
+        MovingAverage.from_config({"type": "power", **config}, parameters=net.collect_params().items())

@@ -425,3 +425,14 @@ def test_moving_average_callback_round_trips_through_serde_and_refuses_bad_avera
         AveragingCallback.from_config({"type": "moving_average", "average": {"type": "cumulative", "decay": 0.9}})
     with pytest.raises(ConfigurationError, match="did you mean 'cumulative'"):
         AveragingCallback.from_config({"type": "moving_average", "average": {"type": "cumulativ"}})
+
+
+def test_power_average_callback_ends_with_the_closed_form_profile():
+    gamma = 2.0
+    callback = AveragingCallback.from_config({"type": "moving_average", "average": {"type": "power", "gamma": gamma}})
+    probe = train(callback, epochs=3, batches=3)
+    steps = probe.raw_after_step[1:]
+    t = len(steps)
+    weights = [(k ** (gamma + 1) - (k - 1) ** (gamma + 1)) / t ** (gamma + 1) for k in range(1, t + 1)]
+    expected = {name: sum(w * step[name] for w, step in zip(weights, steps)) for name in steps[0]}
+    assert_weights_close(read_weights(probe.network), expected)
