@@ -62,7 +62,7 @@ ArrayLike = Union[mx.nd.NDArray, np.ndarray]
 AVERAGED_MODEL_NAME = "averaged_model-0000.params"
 TEMPORARY_PREFIX = ".tmp-"  # files being written; what a crash leaves behind
 MAX_EPOCH_INFO_BYTES = 1 << 20  # the callbacks write about 100 bytes; larger files are not read
-MAX_REASONS_SHOWN = 20  # skipped files named in the error when none is usable; the rest are counted
+MAX_REASONS_SHOWN = 20  # files or records named in one warning or error; the rest are counted
 
 
 class CheckpointError(ValueError):
@@ -331,12 +331,15 @@ def _report_leftovers(folder: str, leftovers: Sequence[str]) -> None:
         )
 
 
+def list_some(items: Sequence[str], separator: str, before_count: str) -> str:
+    """``items`` joined by ``separator``: the first ``MAX_REASONS_SHOWN`` named, the rest counted."""
+    hidden = len(items) - MAX_REASONS_SHOWN
+    return separator.join(items[:MAX_REASONS_SHOWN]) + (f"{before_count}and {hidden} more" if hidden > 0 else "")
+
+
 def _nothing_usable_message(folder: str, skipped: Sequence[Tuple[str, str]]) -> str:
-    shown = skipped[:MAX_REASONS_SHOWN]
-    reasons = "; ".join(f"{os.path.basename(info_path)}: {reason}" for info_path, reason in shown)
-    more = f"; and {len(skipped) - len(shown)} more" if len(skipped) > len(shown) else ""
-    count = len(skipped)
-    return f"no usable checkpoint in folder {folder}: all {count} epoch-info files were skipped ({reasons}{more})"
+    reasons = list_some([f"{os.path.basename(info_path)}: {reason}" for info_path, reason in skipped], "; ", "; ")
+    return f"no usable checkpoint in folder {folder}: all {len(skipped)} epoch-info files were skipped ({reasons})"
 
 
 def _read_epoch_info(info_path: str, allow_outside_folder: bool) -> Dict[str, Any]:

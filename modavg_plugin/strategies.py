@@ -29,6 +29,7 @@ from .checkpoints import (
     CheckpointError,
     average_arrays,
     average_checkpoint_files,
+    list_some,
     read_checkpoint_records,
     save_params,
     shown_value,
@@ -38,7 +39,6 @@ from .registry import ConfigurationError, Registrable
 __all__ = ["AveragingStrategy", "SelectNBestMean", "SelectNBestSoftmax", "softmax_weights"]
 
 logger = logging.getLogger("gluonts.modavg_plugin.strategies")
-MAX_REASONS_SHOWN = 20  # records listed by name in one warning or error; the rest are counted
 
 
 def softmax_weights(scores: Sequence[float], maximize: bool) -> np.ndarray:
@@ -216,13 +216,11 @@ def _source(record: Mapping[str, Any]) -> str:
 
 
 def _list_sources(excluded: Sequence[Tuple[str, str]]) -> str:
-    shown = ", ".join(source for source, _ in excluded[:MAX_REASONS_SHOWN])
-    return shown + (f" and {len(excluded) - MAX_REASONS_SHOWN} more" if len(excluded) > MAX_REASONS_SHOWN else "")
+    return list_some([source for source, _ in excluded], ", ", " ")
 
 
 def _list_reasons(excluded: Sequence[Tuple[str, str]]) -> str:
-    shown = "; ".join(f"{source}: {reason}" for source, reason in excluded[:MAX_REASONS_SHOWN])
-    return shown + (f"; and {len(excluded) - MAX_REASONS_SHOWN} more" if len(excluded) > MAX_REASONS_SHOWN else "")
+    return list_some([f"{source}: {reason}" for source, reason in excluded], "; ", "; ")
 
 
 @AveragingStrategy.register("mean")
