@@ -72,8 +72,7 @@ def cumulative_decay(eta: float, count: int) -> float:
     ``count`` values seen; ``eta > 0`` weights later values more (GluonTS's
     polynomial-decay averaging).
     """
-    if isinstance(count, bool) or not isinstance(count, (int, np.integer)) or count < 1:
-        raise ValueError(f"count must be an integer >= 1, got {count!r}")
+    _check_count(count)
     return 1.0 - (eta + 1.0) / (eta + count)
 
 
@@ -99,9 +98,13 @@ def power_decay(gamma: float, count: int) -> float:
     After ``t`` steps the value of step ``k`` has weight
     ``(k**(gamma + 1) - (k - 1)**(gamma + 1)) / t**(gamma + 1)``, roughly proportional to ``k**gamma``.
     """
+    _check_count(count)
+    return (1.0 - 1.0 / count) ** (gamma + 1.0)
+
+
+def _check_count(count: int) -> None:
     if isinstance(count, bool) or not isinstance(count, (int, np.integer)) or count < 1:
         raise ValueError(f"count must be an integer >= 1, got {count!r}")
-    return (1.0 - 1.0 / count) ** (gamma + 1.0)
 
 
 def _check_unit_interval(name: str, value: float) -> None:
@@ -172,10 +175,11 @@ class MovingAverage(Registrable):
         ]
 
     def _update_shadows(self, decay: float) -> None:
-        """``shadow = decay * shadow + (1 - decay) * param`` for every shadow (fast paths)."""
+        """``shadow = decay * shadow + (1 - decay) * param`` for every shadow (fast paths); one more applied."""
         for group, parameters, copies in zip(self._groups, self._group_parameters, self._group_copies_values):
             values = [parameter.list_data()[0] for parameter in parameters]
             group.update([value.as_in_context(group.context) for value in values] if copies else values, decay)
+        self.num_applied += 1
 
     @property
     def parameters(self) -> NamedParameters:
@@ -340,7 +344,6 @@ class ExponentialMovingAverage(MovingAverage):
             The number of optimiser steps so far; enables the warm-up decay.
         """
         self._update_shadows(exponential_decay(self.decay, num_updates, self.numerator, self.denominator))
-        self.num_applied += 1
 
 
 @MovingAverage.register("cumulative")
@@ -382,7 +385,6 @@ class CumulativeMovingAverage(MovingAverage):
             (:attr:`num_applied`), not on the optimiser's step count.
         """
         self._update_shadows(cumulative_decay(self.eta, self.num_applied + 1))
-        self.num_applied += 1
 
 
 @MovingAverage.register("power")
@@ -424,4 +426,3 @@ class PowerMovingAverage(MovingAverage):
     def apply(self, num_updates: Optional[int] = None) -> None:
         """Add the parameters' current values to the average (``num_updates`` is ignored, as for ``"cumulative"``)."""
         self._update_shadows(power_decay(self.gamma, self.num_applied + 1))
-        self.num_applied += 1
