@@ -170,8 +170,9 @@ class AveragingCallback(Registrable, ModelAveraging):
         self.epochs_before = 0
 
     def on_network_initializing_end(self, training_network: mx.gluon.HybridBlock, **kwargs: Any) -> None:
-        """Track the network's parameters (all of ``collect_params()``); with ``resume``, load the saved state."""
+        """Track the network's parameters (all of ``collect_params()``), start averaging; with ``resume``, load the state."""
         self._parameters = network_parameters(training_network)
+        self.start_averaging()
         if self.resume and os.path.isfile(self._state_path()):
             self.load_state()
 
@@ -187,11 +188,12 @@ class AveragingCallback(Registrable, ModelAveraging):
 
     def on_epoch_end(self, epoch_no: int, epoch_loss: float, **kwargs: Any) -> bool:
         """Save this epoch's weights and record; prune what cannot be selected; save the state; log the epoch."""
-        epoch_no, score = self.epochs_before + int(epoch_no), float(epoch_loss)
-        self._checkpoints.save(f"epoch-{epoch_no:04d}", epoch_no, {RECORDED_METRIC: score}, self.epoch_weights())
+        entry = self.history_entry(epoch_no)  # numbered on from a resumed run's epochs
+        number, score = entry["epoch_no"], float(epoch_loss)
+        self._checkpoints.save(f"epoch-{number:04d}", number, {RECORDED_METRIC: score}, self.epoch_weights())
         if self.checkpoint_dir is not None:
-            self.save_state(epochs_done=epoch_no + 1)
-        logger.info("epoch %d: %s", epoch_no, self.describe_epoch(self.history_entry(epoch_no - self.epochs_before)))
+            self.save_state(epochs_done=number + 1)
+        logger.info("epoch %d: %s", number, self.describe_epoch(entry))
         return True
 
     # Resuming ---------------------------------------------------------------
@@ -219,6 +221,9 @@ class AveragingCallback(Registrable, ModelAveraging):
         self.history = [dict(entry) for entry in state["history"]]
         self.epochs_before = int(state["epochs_done"])
         logger.info("resumed after epoch %d from %s", self.epochs_before - 1, self.checkpoint_dir)
+
+    def start_averaging(self) -> None:
+        """Subclasses: start from the network's weights (called once its parameters are known)."""
 
     def state_counters(self) -> Dict[str, Any]:
         """Subclasses: their counters, as JSON-ready values."""
@@ -380,12 +385,6 @@ class MovingAverageCallback(AveragingCallback):
         self.moving_average = None
         self.num_updates = 0
 
-    def on_network_initializing_end(self, training_network: mx.gluon.HybridBlock, **kwargs: Any) -> None:
-        """Shadows start from the freshly initialised weights (or, resuming, from the saved averages)."""
-        self._parameters = network_parameters(training_network)
-        self._start_moving_average()
-        super().on_network_initializing_end(training_network, **kwargs)
-
     def state_counters(self) -> Dict[str, Any]:
         return {"num_updates": self.num_updates, "num_applied": self.moving_average.num_applied}
 
@@ -396,7 +395,8 @@ class MovingAverageCallback(AveragingCallback):
         self.moving_average.load_state_dict({"num_applied": state["num_applied"], "shadows": arrays})
         self.num_updates = int(state["num_updates"])
 
-    def _start_moving_average(self) -> None:
+    def start_averaging(self) -> None:
+        """Shadows start from the freshly initialised weights (a resume then loads the saved averages)."""
         self.moving_average = MovingAverage.from_config(
             {**self.average, "shadow_context": self.shadow_context}, parameters=self._parameters
         )
@@ -409,7 +409,7 @@ class MovingAverageCallback(AveragingCallback):
         """
         self.moving_average.restore()
         if self.num_updates == 0:
-            self._start_moving_average()
+            self.start_averaging()
 
     def on_train_batch_end(self, training_network: mx.gluon.HybridBlock, **kwargs: Any) -> bool:
         """One optimiser step happened (GluonTS skips this hook for NaN-loss batches)."""
