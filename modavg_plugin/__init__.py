@@ -12,29 +12,38 @@ from typing import Any
 
 from .averages import CumulativeMovingAverage, ExponentialMovingAverage, MovingAverage, PowerMovingAverage
 from .checkpoints import CheckpointError, save_epoch_info
+from .posthoc import PostHocSnapshots, reconstruct_posthoc, save_posthoc
 from .registry import ConfigurationError, Registrable
-from .strategies import AveragingStrategy, SelectNBestMean, SelectNBestSoftmax
+from .strategies import AveragingStrategy, GreedySoup, SelectNBestMean, SelectNBestSoftmax
+from .triggers import AlphaSuffixTrigger, AveragingTrigger, NonMonotonicTrigger
 
 __version__ = "0.1.0"
 
 _GLUONTS_NAMES = {"AveragingCallback", "CheckpointAveragingCallback", "ExponentialAveragingCallback", "MovingAverageCallback"}
 
 __all__ = [
+    "AlphaSuffixTrigger",
     "AveragingCallback",
     "AveragingStrategy",
+    "AveragingTrigger",
     "CheckpointAveragingCallback",
     "CheckpointError",
     "ConfigurationError",
     "CumulativeMovingAverage",
     "ExponentialAveragingCallback",
     "ExponentialMovingAverage",
+    "GreedySoup",
     "MovingAverage",
     "MovingAverageCallback",
+    "NonMonotonicTrigger",
+    "PostHocSnapshots",
     "PowerMovingAverage",
     "Registrable",
     "SelectNBestMean",
     "SelectNBestSoftmax",
+    "reconstruct_posthoc",
     "save_epoch_info",
+    "save_posthoc",
 ]
 
 

@@ -16,7 +16,7 @@ are copied, not averaged.
 import contextlib
 import logging
 import math
-from typing import Any, Dict, Iterable, Iterator, List, Mapping, Optional, Tuple, Union
+from typing import Any, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, Set, Tuple, Union
 
 import mxnet as mx
 import numpy as np
@@ -27,8 +27,10 @@ from .parameters import (
     as_context,
     averaging_dtype,
     device_copies,
+    is_trainable,
     named_parameters,
     readable_in_place,
+    select_by_name,
     write_into_parameters,
 )
 from .registry import ConfigurationError, Registrable
@@ -43,8 +45,12 @@ __all__ = [
     "cumulative_decay",
     "exponential_decay",
     "power_decay",
+    "power_warmup_decay",
     "sigma_rel_to_gamma",
 ]
+
+NON_TRAINABLE_CHOICES = ("average", "copy", "exclude")
+WARMUP_CHOICES = ("ratio", "power", "none")
 
 logger = logging.getLogger("gluonts.modavg_plugin.averages")
 
@@ -59,9 +65,19 @@ def exponential_decay(
     """
     if num_updates is None:
         return decay
-    if isinstance(num_updates, bool) or not isinstance(num_updates, (int, np.integer)) or num_updates < 0:
-        raise ValueError(f"num_updates must be an integer >= 0 or None, got {num_updates!r}")
+    _check_integer("num_updates", num_updates, 0)
     return min(decay, (numerator + num_updates) / (denominator + num_updates))
+
+
+def power_warmup_decay(decay: float, num_updates: int, gamma: float = 1.0, power: float = 0.75) -> float:
+    """timm's warm-up: ``min(decay, 1 - (1 + num_updates / gamma) ** -power)``.
+
+    With ``gamma = 1``, ``power = 3/4`` the decay reaches 0.999 after about
+    10,000 updates and 0.9999 after about 215,000; ``power = 2/3`` is slower
+    (0.999 after about 31,600 updates), for runs of a million steps or more.
+    """
+    _check_integer("num_updates", num_updates, 0)
+    return min(decay, 1.0 - (1.0 + num_updates / gamma) ** -power)
 
 
 def cumulative_decay(eta: float, count: int) -> float:
@@ -103,8 +119,12 @@ def power_decay(gamma: float, count: int) -> float:
 
 
 def _check_count(count: int) -> None:
-    if isinstance(count, bool) or not isinstance(count, (int, np.integer)) or count < 1:
-        raise ValueError(f"count must be an integer >= 1, got {count!r}")
+    _check_integer("count", count, 1)
+
+
+def _check_integer(name: str, value: Any, low: int, error: type = ValueError) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
+        raise error(f"{name} must be an integer >= {low}, got {value!r}")
 
 
 def _check_unit_interval(name: str, value: float) -> None:
@@ -127,27 +147,76 @@ def check_exponential_arguments(decay: float, numerator: float, denominator: flo
 
 
 class MovingAverage(Registrable):
-    """Base of the moving averages: shadows, swap in/out, and state.
+    """Base of the moving averages: which parameters, when to update, shadows, swap in/out, state.
+
+    Every moving average takes these options (in a config dict too, next to
+    its own arguments). :meth:`apply` is called once per training step; it
+    counts the steps (or takes ``num_updates`` from the caller), and the
+    subclass decides only the decay of each averaged step
+    (:meth:`step_decay`).
 
     Parameters
     ----------
     parameters
         The ``(name, mx.gluon.Parameter)`` pairs to average, e.g.
-        ``net.collect_params().items()``, every one initialised; those with
-        ``grad_req='null'`` (BatchNorm running statistics) are averaged too.
+        ``net.collect_params().items()``, every one initialised; not part of a
+        config dict: ``from_config(config, parameters=...)``.
     shadow_context
         Where the shadows live: an ``mx.Context`` or text such as ``"cpu"``,
         ``"cpu(0)"``, ``"gpu(1)"``; ``None``: each parameter's first device copy.
+    start_step
+        Averaging starts after this many steps, an integer >= 0 (before, the
+        shadows follow the weights, so swapping them in changes nothing);
+        ``None``: not until :meth:`start_now` is called (what a trigger such
+        as ``"nta"`` or ``"alpha_suffix"`` does).
+    update_every
+        Average every this many steps, an integer >= 1 (counted from
+        ``start_step``); the steps between are skipped, which makes the
+        update cost that much smaller (the average then spans
+        ``update_every`` times more steps for the same decay).
+    non_trainable
+        What to do with parameters the optimiser does not update
+        (``grad_req="null"``: BatchNorm running statistics, a Module's
+        auxiliary states): ``"average"`` them like the weights, ``"copy"`` their
+        current value at each update (the averaged network then uses the
+        latest statistics), or ``"exclude"`` them (they keep whatever the
+        network holds).
+    include
+        Shell-style name patterns (``"*weight"``, ``"dense0_*"``): average
+        only the parameters matching one; ``None``: all.
+    exclude
+        Name patterns of parameters not to average (they keep their raw
+        values); a pattern that matches nothing is an error.
     """
 
     default_implementation = "exponential"
 
     def __init__(
-        self, parameters: Iterable[Tuple[str, ParameterLike]], shadow_context: Union[None, str, mx.Context] = None
+        self,
+        parameters: Iterable[Tuple[str, ParameterLike]],
+        *,
+        shadow_context: Union[None, str, mx.Context] = None,
+        start_step: Optional[int] = 0,
+        update_every: int = 1,
+        non_trainable: str = "average",
+        include: Optional[Sequence[str]] = None,
+        exclude: Optional[Sequence[str]] = None,
     ) -> None:
+        check_schedule_arguments(start_step, update_every, non_trainable)
         self.shadow_context = as_context(shadow_context)
-        self._parameters: NamedParameters = named_parameters(parameters)
-        self._groups = self._new_update_groups()
+        self.start_step = start_step
+        self.update_every = int(update_every)
+        self.non_trainable = non_trainable
+        self.include = _patterns("include", include)
+        self.exclude = _patterns("exclude", exclude)
+        selected = select_by_name(named_parameters(parameters), self.include, self.exclude)
+        if non_trainable == "exclude":
+            selected = [(name, parameter) for name, parameter in selected if is_trainable(parameter)]
+            if not selected:
+                raise ConfigurationError("non_trainable='exclude' leaves no parameter to average: every one has grad_req='null'")
+        self._parameters: NamedParameters = selected
+        followed = [] if non_trainable != "copy" else [name for name, parameter in selected if not is_trainable(parameter)]
+        self._groups, self._group_follows = self._new_update_groups(set(followed))
         by_name = dict(self._parameters)
         self._group_parameters = [[by_name[name] for name in group.names] for group in self._groups]
         self._group_copies_values = [  # decided once: contexts do not change, and the check costs 5 µs a tensor
@@ -160,30 +229,77 @@ class MovingAverage(Registrable):
         self._backups: Dict[str, List[mx.nd.NDArray]] = {}
         self._assigned = False
         self.num_applied = 0
+        self.num_steps = 0
 
-    def _new_update_groups(self) -> List[UpdateGroup]:
-        """Shadows grouped by context and dtype, each group in one flat buffer."""
-        members: Dict[Tuple[str, int, str], List[Tuple[str, mx.nd.NDArray]]] = {}
+    def _new_update_groups(self, followed: Set[str]) -> Tuple[List[UpdateGroup], List[bool]]:
+        """Shadows grouped by context, dtype and whether they follow the weights, each group in one flat buffer."""
+        members: Dict[Tuple[Any, ...], List[Tuple[str, mx.nd.NDArray]]] = {}
         for name, parameter in self._parameters:
             first = device_copies(name, parameter)[0]
             if self.shadow_context is not None and first.context != self.shadow_context:
                 first = first.as_in_context(self.shadow_context)
-            members.setdefault(group_key(first, averaging_dtype(first.dtype)), []).append((name, first))
-        return [
+            key = group_key(first, averaging_dtype(first.dtype)) + (name in followed,)
+            members.setdefault(key, []).append((name, first))
+        groups = [
             update_group_for([name for name, _ in pairs], [first for _, first in pairs], averaging_dtype(pairs[0][1].dtype))
             for pairs in members.values()
         ]
+        return groups, [key[-1] for key in members]
+
+    # Updating -----------------------------------------------------------------
+
+    def apply(self, num_updates: Optional[int] = None) -> None:
+        """One training step: update the shadows from the parameters' current values, if this step is averaged.
+
+        Parameters
+        ----------
+        num_updates
+            The number of optimiser steps so far (an integer >= 0); ``None``:
+            this object counts the calls. ``start_step`` and ``update_every``
+            count in these steps, and the exponential average's warm-up
+            needs them.
+        """
+        if num_updates is not None:
+            _check_integer("num_updates", num_updates, 0)
+        self.num_steps = self.num_steps + 1 if num_updates is None else int(num_updates)
+        if self.start_step is None or self.num_steps <= self.start_step:
+            self._update_shadows(0.0)  # not started: the shadows follow the weights
+            return
+        steps_since_start = self.num_steps - self.start_step
+        if steps_since_start % self.update_every:
+            return
+        self._update_shadows(self.step_decay(steps_since_start if num_updates is not None else None))
+        self.num_applied += 1
+
+    def step_decay(self, steps_since_start: Optional[int]) -> float:
+        """The decay of the next averaged step (:attr:`num_applied` of them were before it).
+
+        ``steps_since_start`` is the caller's step count minus ``start_step``,
+        or ``None`` when the caller gives no ``num_updates``.
+        """
+        raise NotImplementedError
+
+    def start_now(self) -> None:
+        """Start averaging after the current step (a trigger fired); no-op once started."""
+        if self.start_step is None or self.start_step > self.num_steps:
+            self.start_step = self.num_steps
+
+    @property
+    def started(self) -> bool:
+        """Whether any step was averaged yet (before that, the shadows are the latest weights)."""
+        return self.num_applied > 0
 
     def _update_shadows(self, decay: float) -> None:
-        """``shadow = decay * shadow + (1 - decay) * param`` for every shadow (fast paths); one more applied."""
-        for group, parameters, copies in zip(self._groups, self._group_parameters, self._group_copies_values):
+        """``shadow = decay * shadow + (1 - decay) * param`` for every shadow (fast paths); followed ones copy."""
+        for group, parameters, copies, follows in zip(
+            self._groups, self._group_parameters, self._group_copies_values, self._group_follows
+        ):
             values = [parameter.list_data()[0] for parameter in parameters]
-            group.update([value.as_in_context(group.context) for value in values] if copies else values, decay)
-        self.num_applied += 1
+            group.update([value.as_in_context(group.context) for value in values] if copies else values, 0.0 if follows else decay)
 
     @property
     def parameters(self) -> NamedParameters:
-        """The ``(name, Parameter)`` pairs this average tracks."""
+        """The ``(name, Parameter)`` pairs this average tracks (after ``include``, ``exclude``, ``non_trainable``)."""
         return list(self._parameters)
 
     @property
@@ -196,9 +312,7 @@ class MovingAverage(Registrable):
         """Whether the network currently holds the averages."""
         return self._assigned
 
-    def apply(self, num_updates: Optional[int] = None) -> None:
-        """Update the shadows from the parameters' current values."""
-        raise NotImplementedError
+    # Swapping -----------------------------------------------------------------
 
     def assign_average_value(self) -> None:
         """Put the averages into every device copy, keeping the raw values.
@@ -245,11 +359,17 @@ class MovingAverage(Registrable):
             if not was_assigned:
                 self.restore()
 
+    # State --------------------------------------------------------------------
+
+    def counters(self) -> Dict[str, Any]:
+        """The counters a resumed run needs, as JSON-ready values."""
+        return {"num_applied": self.num_applied, "num_steps": self.num_steps, "start_step": self.start_step}
+
     def state_dict(self) -> Dict[str, Any]:
         """Plain data to resume from: shadows as NumPy arrays and the counters."""
         return {
             "type": type(self).__name__,
-            "num_applied": self.num_applied,
+            **self.counters(),
             "shadows": {name: shadow.asnumpy() for name, shadow in self._shadows.items()},
         }
 
@@ -257,7 +377,8 @@ class MovingAverage(Registrable):
         """Restore :meth:`state_dict` into the parameters this object tracks.
 
         Shadows are copied into the existing arrays: the object keeps
-        following the live parameters, never copies of them.
+        following the live parameters, never copies of them. ``num_steps``
+        and ``start_step`` are optional (states saved before they existed).
         """
         missing = {"num_applied", "shadows"} - set(state)
         if missing:
@@ -278,6 +399,27 @@ class MovingAverage(Registrable):
         for name, shadow in self._shadows.items():
             values[name].copyto(shadow)
         self.num_applied = int(state["num_applied"])
+        self.num_steps = int(state.get("num_steps", self.num_applied))
+        self.start_step = state.get("start_step", self.start_step)
+
+
+def check_schedule_arguments(start_step: Optional[int], update_every: int, non_trainable: str) -> None:
+    """Refuse, naming the option and its range, the shared options' bad values."""
+    if start_step is not None:
+        _check_integer("start_step", start_step, 0, ConfigurationError)
+    _check_integer("update_every", update_every, 1, ConfigurationError)
+    if non_trainable not in NON_TRAINABLE_CHOICES:
+        raise ConfigurationError(f"non_trainable must be one of {list(NON_TRAINABLE_CHOICES)}, got {non_trainable!r}")
+
+
+def _patterns(option: str, patterns: Union[None, str, Sequence[str]]) -> Optional[List[str]]:
+    """Name patterns as a list (one string is one pattern); ``None`` stays ``None``."""
+    if patterns is None:
+        return None
+    patterns = [patterns] if isinstance(patterns, str) else patterns
+    if not isinstance(patterns, (list, tuple)) or not all(isinstance(pattern, str) and pattern for pattern in patterns):
+        raise ConfigurationError(f"{option} must be a list of name patterns such as ['*weight'], got {patterns!r}")
+    return list(patterns)
 
 
 def _as_numpy(value: Any) -> np.ndarray:
@@ -296,22 +438,29 @@ class ExponentialMovingAverage(MovingAverage):
 
     Parameters
     ----------
-    parameters
-        The ``(name, mx.gluon.Parameter)`` pairs to average, e.g.
-        ``net.collect_params().items()``, every one initialised; not part of a
-        config dict: ``from_config(config, parameters=...)``.
     decay
         The decay ``d``, in [0, 1]: the average spans roughly the last
         ``1 / (1 - decay)`` updates (0.9999: 10,000); 0 keeps the latest weights.
     numerator
-        Warm-up numerator, a finite number >= 0: given ``apply(num_updates=n)``,
-        ``d = min(decay, (numerator + n) / (denominator + n))``.
+        Warm-up numerator, a finite number >= 0: with ``warmup="ratio"``, after
+        ``n`` averaged steps ``d = min(decay, (numerator + n) / (denominator + n))``.
     denominator
         Warm-up denominator, a finite number > 0; the defaults start at
-        ``d = 0.1`` and reach 0.999 after about 9,000 updates.
-    shadow_context
-        Where the shadows live: an ``mx.Context`` or text such as ``"cpu"``,
-        ``"cpu(0)"``, ``"gpu(1)"``; ``None``: each parameter's first device copy.
+        ``d = 0.18`` and reach 0.999 after about 9,000 updates.
+    warmup
+        How the decay grows to ``decay`` (when ``apply`` is given
+        ``num_updates``): ``"ratio"`` (TensorFlow's and AllenNLP's, above),
+        ``"power"`` (timm's ``1 - (1 + n / warmup_gamma) ** -warmup_power``),
+        or ``"none"`` (``decay`` from the first step).
+    warmup_gamma
+        timm's ``gamma``, a finite number > 0 (``warmup="power"``).
+    warmup_power
+        timm's ``power``, a finite number > 0 (``warmup="power"``): 3/4
+        reaches 0.999 after about 10,000 steps, 2/3 after about 31,600.
+    options
+        The options every moving average takes (``shadow_context``,
+        ``start_step``, ``update_every``, ``non_trainable``, ``include``,
+        ``exclude``): see :class:`MovingAverage`.
 
     Examples
     --------
@@ -327,23 +476,31 @@ class ExponentialMovingAverage(MovingAverage):
         decay: float = 0.9999,
         numerator: float = 1.0,
         denominator: float = 10.0,
-        shadow_context: Union[None, str, mx.Context] = None,
+        warmup: str = "ratio",
+        warmup_gamma: float = 1.0,
+        warmup_power: float = 0.75,
+        **options: Any,
     ) -> None:
         check_exponential_arguments(decay, numerator, denominator)
-        super().__init__(parameters, shadow_context)
+        if warmup not in WARMUP_CHOICES:
+            raise ConfigurationError(f"warmup must be one of {list(WARMUP_CHOICES)}, got {warmup!r}")
+        _check_finite("warmup_gamma", warmup_gamma, 0.0, low_inclusive=False)
+        _check_finite("warmup_power", warmup_power, 0.0, low_inclusive=False)
+        super().__init__(parameters, **options)
         self.decay = float(decay)
         self.numerator = float(numerator)
         self.denominator = float(denominator)
+        self.warmup = warmup
+        self.warmup_gamma = float(warmup_gamma)
+        self.warmup_power = float(warmup_power)
 
-    def apply(self, num_updates: Optional[int] = None) -> None:
-        """Move every shadow towards its parameter's current value.
-
-        Parameters
-        ----------
-        num_updates
-            The number of optimiser steps so far; enables the warm-up decay.
-        """
-        self._update_shadows(exponential_decay(self.decay, num_updates, self.numerator, self.denominator))
+    def step_decay(self, steps_since_start: Optional[int]) -> float:
+        """``decay``, warmed up over ``steps_since_start`` as ``warmup`` says."""
+        if steps_since_start is None or self.warmup == "none":
+            return self.decay
+        if self.warmup == "power":
+            return power_warmup_decay(self.decay, steps_since_start, self.warmup_gamma, self.warmup_power)
+        return exponential_decay(self.decay, steps_since_start, self.numerator, self.denominator)
 
 
 @MovingAverage.register("cumulative")
@@ -351,40 +508,31 @@ class CumulativeMovingAverage(MovingAverage):
     """Equal-weight running mean of the weights (SWA, Polyak averaging), or polynomial-decay weights.
 
     Use it to average a fixed stretch of training (e.g. the last epochs at a
-    constant or cyclic learning rate, as SWA does) rather than a window that
-    slides: every update counts equally (``eta = 0``), however long the run.
-    The first :meth:`apply` copies the weights (those at construction are not
-    counted, as in PyTorch's ``AveragedModel`` and GluonTS's iteration
-    averaging); the n-th moves each shadow by ``(eta + 1) / (eta + n)`` of its
-    distance to the weights.
+    constant or cyclic learning rate, as SWA does, with ``start_step`` or a
+    trigger) rather than a window that slides: every averaged step counts
+    equally (``eta = 0``), however long the run. The first averaged step
+    copies the weights (those at construction are not counted, as in
+    PyTorch's ``AveragedModel`` and GluonTS's iteration averaging); the n-th
+    moves each shadow by ``(eta + 1) / (eta + n)`` of its distance to the
+    weights.
 
     Parameters
     ----------
     eta
         Polynomial decay, a finite number >= 0: 0 gives the arithmetic mean;
         larger values weight later updates more (GluonTS's ``eta``).
+    options
+        The options every moving average takes: see :class:`MovingAverage`.
     """
 
-    def __init__(
-        self,
-        parameters: Iterable[Tuple[str, ParameterLike]],
-        eta: float = 0.0,
-        shadow_context: Union[None, str, mx.Context] = None,
-    ) -> None:
+    def __init__(self, parameters: Iterable[Tuple[str, ParameterLike]], eta: float = 0.0, **options: Any) -> None:
         _check_finite("eta", eta, 0.0, low_inclusive=True)
-        super().__init__(parameters, shadow_context)
+        super().__init__(parameters, **options)
         self.eta = float(eta)
 
-    def apply(self, num_updates: Optional[int] = None) -> None:
-        """Add the parameters' current values to the average.
-
-        Parameters
-        ----------
-        num_updates
-            Ignored: the weights depend on how many updates were averaged
-            (:attr:`num_applied`), not on the optimiser's step count.
-        """
-        self._update_shadows(cumulative_decay(self.eta, self.num_applied + 1))
+    def step_decay(self, steps_since_start: Optional[int]) -> float:
+        """``1 - (eta + 1) / (eta + n)`` for the n-th averaged step (the optimiser's step count plays no part)."""
+        return cumulative_decay(self.eta, self.num_applied + 1)
 
 
 @MovingAverage.register("power")
@@ -395,7 +543,7 @@ class PowerMovingAverage(MovingAverage):
     training runs: the profile scales with the run, weighting step ``k`` of
     ``t`` roughly as ``k**gamma``, so it always covers the same fraction of
     training (``sigma_rel``: the profile's standard deviation relative to
-    ``t``). The first :meth:`apply` copies the weights; the n-th uses the
+    ``t``). The first averaged step copies the weights; the n-th uses the
     decay ``(1 - 1/n) ** (gamma + 1)``.
 
     Parameters
@@ -406,6 +554,8 @@ class PowerMovingAverage(MovingAverage):
         The relative width instead, in (0, 0.2887): 0.05 averages about the
         last tenth of training, larger values longer; used when ``gamma`` is
         ``None``.
+    options
+        The options every moving average takes: see :class:`MovingAverage`.
     """
 
     def __init__(
@@ -413,16 +563,16 @@ class PowerMovingAverage(MovingAverage):
         parameters: Iterable[Tuple[str, ParameterLike]],
         gamma: Optional[float] = None,
         sigma_rel: Optional[float] = 0.05,
-        shadow_context: Union[None, str, mx.Context] = None,
+        **options: Any,
     ) -> None:
         if gamma is None:
             if sigma_rel is None:
                 raise ConfigurationError("give gamma or sigma_rel")
             gamma = sigma_rel_to_gamma(sigma_rel)
         _check_finite("gamma", gamma, 0.0, low_inclusive=False)
-        super().__init__(parameters, shadow_context)
+        super().__init__(parameters, **options)
         self.gamma = float(gamma)
 
-    def apply(self, num_updates: Optional[int] = None) -> None:
-        """Add the parameters' current values to the average (``num_updates`` is ignored, as for ``"cumulative"``)."""
-        self._update_shadows(power_decay(self.gamma, self.num_applied + 1))
+    def step_decay(self, steps_since_start: Optional[int]) -> float:
+        """``(1 - 1/n) ** (gamma + 1)`` for the n-th averaged step."""
+        return power_decay(self.gamma, self.num_applied + 1)

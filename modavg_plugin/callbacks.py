@@ -10,11 +10,10 @@ our result at the end of training. Every hook is our own; nothing of
 Hooks take ``**kwargs``: GluonTS has renamed hook arguments between versions.
 """
 
-import inspect
 import logging
 import math
 import os
-from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import mxnet as mx
 from gluonts.core.component import validated
@@ -24,14 +23,17 @@ from .averages import MovingAverage, check_exponential_arguments
 from .checkpoint_log import CheckpointLog
 from .checkpoints import arrays_named, read_state_file, save_state_file
 from .parameters import NamedParameters, as_context, device_copies, named_parameters, write_into_parameters
-from .registry import ConfigurationError, Registrable
-from .strategies import AveragingStrategy
+from .registry import ConfigurationError, Registrable, constructor_parameters
+from .posthoc import PostHocSnapshots, posthoc_options, posthoc_state, posthoc_state_parts
+from .strategies import AveragingStrategy, needs_evaluation
+from .triggers import trigger_from_config
 
 __all__ = ["AveragingCallback", "CheckpointAveragingCallback", "ExponentialAveragingCallback", "MovingAverageCallback"]
 
 logger = logging.getLogger("gluonts.modavg_plugin.callbacks")
 
 RECORDED_METRIC = "score"
+POSTHOC_PREFIX = "posthoc:"
 STATE_NAME = "averaging-state.params"
 """The file ``{checkpoint_dir}/averaging-state.params``: what a resumed run continues from."""
 
@@ -55,12 +57,20 @@ class AveragedValidation:
         Put the averages in the network, and the raw weights back.
     measure_raw
         Also measure the raw weights' loss (one more forward pass a batch).
+    keep_inputs
+        Keep the inputs of the passes since :meth:`attach` in :attr:`inputs`
+        (references to the batches, no copies), for evaluating other weights
+        on the same validation data later.
     """
 
-    def __init__(self, swap_average: Callable[[], None], swap_raw: Callable[[], None], measure_raw: bool) -> None:
+    def __init__(
+        self, swap_average: Callable[[], None], swap_raw: Callable[[], None], measure_raw: bool, keep_inputs: bool = False
+    ) -> None:
         self._swap_average = swap_average
         self._swap_raw = swap_raw
         self.measure_raw = measure_raw
+        self.keep_inputs = keep_inputs
+        self.inputs: List[Tuple[Any, ...]] = []
         self._network: Optional[mx.gluon.Block] = None
         self._total = 0.0
         self._count = 0
@@ -68,7 +78,7 @@ class AveragedValidation:
     def attach(self, network: mx.gluon.Block) -> None:
         """Start on ``network`` (forgetting any earlier measurement)."""
         self.detach()
-        self._total, self._count = 0.0, 0
+        self._total, self._count, self.inputs = 0.0, 0, []
         original_forward = network.forward
 
         def averaged_forward(*inputs: Any) -> Any:
@@ -89,6 +99,8 @@ class AveragedValidation:
         return self._total / self._count if self._count else math.nan
 
     def _averaged_pass(self, forward: Callable[..., Any], inputs: Sequence[Any]) -> Any:
+        if self.keep_inputs:
+            self.inputs.append(tuple(inputs))
         with mx.autograd.pause():  # validation runs inside autograd.record(): no swapping there
             self._swap_average()
         try:
@@ -110,6 +122,22 @@ class AveragedValidation:
 def _loss_of(output: Any) -> mx.nd.NDArray:
     """The loss among a network's outputs: the first of several, as GluonTS takes it."""
     return output[0] if isinstance(output, (list, tuple)) else output
+
+
+def mean_loss(network: mx.gluon.Block, batches: Sequence[Sequence[Any]]) -> float:
+    """The network's mean loss per element over ``batches``, as GluonTS's trainer sums validation.
+
+    Predict mode, no gradient; batches whose loss is not finite are skipped
+    (as the trainer skips them); NaN when none is left.
+    """
+    total, count = 0.0, 0
+    with mx.autograd.pause(train_mode=False):
+        for inputs in batches:
+            loss = _loss_of(network(*inputs))
+            batch_total = float(loss.sum().asscalar())
+            if math.isfinite(batch_total):
+                total, count = total + batch_total, count + loss.size
+    return total / count if count else math.nan
 
 
 class AveragingCallback(Registrable, ModelAveraging):
@@ -157,6 +185,10 @@ class AveragingCallback(Registrable, ModelAveraging):
         self.checkpoint_dir = checkpoint_dir
         self.resume = resume
         self._parameters: NamedParameters = []
+        self._network: Optional[mx.gluon.Block] = None
+        self._validation = AveragedValidation(
+            self.swap_average, self.swap_raw, measure_raw=False, keep_inputs=needs_evaluation(avg_strategy)
+        )
         self._checkpoints = CheckpointLog(avg_strategy, checkpoint_dir)
         self.history: List[Dict[str, float]] = []
         self.epochs_before = 0
@@ -171,6 +203,7 @@ class AveragingCallback(Registrable, ModelAveraging):
 
     def on_network_initializing_end(self, training_network: mx.gluon.HybridBlock, **kwargs: Any) -> None:
         """Track the network's parameters (all of ``collect_params()``), start averaging; with ``resume``, load the state."""
+        self._network = training_network
         self._parameters = network_parameters(training_network)
         self.start_averaging()
         if self.resume and os.path.isfile(self._state_path()):
@@ -181,10 +214,21 @@ class AveragingCallback(Registrable, ModelAveraging):
         self.history_entry(epoch_no)["training_loss"] = float(epoch_loss)
         return True
 
+    def on_validation_epoch_start(self, training_network: mx.gluon.HybridBlock, **kwargs: Any) -> None:
+        """Validate with :meth:`swap_average`'s weights, one forward pass at a time (see :class:`AveragedValidation`)."""
+        self._validation.attach(training_network)
+
     def on_validation_epoch_end(self, epoch_no: int, epoch_loss: float, **kwargs: Any) -> bool:
         """Record the validation loss in this epoch's :attr:`history` entry."""
+        self._validation.detach()
         self.history_entry(epoch_no)["validation_loss"] = float(epoch_loss)
         return True
+
+    def swap_average(self) -> None:
+        """Subclasses: put the weights to validate into the network (base: the raw weights stay)."""
+
+    def swap_raw(self) -> None:
+        """Subclasses: put the raw weights back after :meth:`swap_average`."""
 
     def on_epoch_end(self, epoch_no: int, epoch_loss: float, **kwargs: Any) -> bool:
         """Save this epoch's weights and record; prune what cannot be selected; save the state; log the epoch."""
@@ -205,7 +249,7 @@ class AveragingCallback(Registrable, ModelAveraging):
         """Write what a resumed run needs into ``checkpoint_dir`` (atomically; a failure is logged)."""
         state = {"format": 1, "epochs_done": epochs_done, "history": self.history, "records": self._checkpoints.state()}
         state.update(self.state_counters())
-        arrays = {f"raw:{name}": device_copies(name, parameter)[0] for name, parameter in self._parameters}
+        arrays = {f"raw:{name}": value for name, value in self.raw_weights().items()}
         arrays.update({f"average:{name}": value for name, value in self.state_arrays().items()})
         try:
             save_state_file(self._state_path(), state, arrays, blobs={})
@@ -221,6 +265,10 @@ class AveragingCallback(Registrable, ModelAveraging):
         self.history = [dict(entry) for entry in state["history"]]
         self.epochs_before = int(state["epochs_done"])
         logger.info("resumed after epoch %d from %s", self.epochs_before - 1, self.checkpoint_dir)
+
+    def raw_weights(self) -> Dict[str, mx.nd.NDArray]:
+        """The network's current weights by (network-relative) name: the first device copies, not copies."""
+        return {name: device_copies(name, parameter)[0] for name, parameter in self._parameters}
 
     def start_averaging(self) -> None:
         """Subclasses: start from the network's weights (called once its parameters are known)."""
@@ -275,7 +323,38 @@ class AveragingCallback(Registrable, ModelAveraging):
         def write(averaged: Mapping[str, mx.nd.NDArray]) -> None:
             write_into_parameters(averaged, self._parameters, "the averaged checkpoints")
 
-        return self._checkpoints.assign_average(write, fallback)
+        if not needs_evaluation(self.avg_strategy) or self.avg_strategy.evaluate is not None:
+            return self._checkpoints.assign_average(write, fallback)
+        self.avg_strategy.evaluate = self.validation_evaluation()
+        try:
+            return self._checkpoints.assign_average(write, fallback)
+        finally:
+            self.avg_strategy.evaluate = None
+
+    def validation_evaluation(self) -> Callable[[Mapping[str, mx.nd.NDArray]], float]:
+        """The evaluation a strategy such as ``"greedy"`` calls: the loss on the last validation epoch's batches.
+
+        Without validation data there is nothing to evaluate on: a warning,
+        and an evaluation that rates every candidate the same, so the greedy
+        soup keeps the best-ranked checkpoint alone.
+        """
+        batches = list(self._validation.inputs)
+        if not batches:
+            logger.warning(
+                "avg_strategy %r needs validation data to evaluate candidates, and the trainer gave none: "
+                "keeping the best-ranked checkpoint alone", self.avg_strategy,
+            )  # fmt: skip
+            return lambda arrays: 0.0
+
+        def evaluate(arrays: Mapping[str, mx.nd.NDArray]) -> float:
+            kept = {name: device_copies(name, parameter)[0].copy() for name, parameter in self._parameters}
+            write_into_parameters(arrays, self._parameters, "a candidate average")
+            try:
+                return mean_loss(self._network, batches)
+            finally:
+                write_into_parameters(kept, self._parameters, "the weights before the evaluation")
+
+        return evaluate
 
 
 @AveragingCallback.register("checkpoints")
@@ -307,7 +386,7 @@ class CheckpointAveragingCallback(AveragingCallback):
         super().__init__(avg_strategy or AveragingStrategy.from_config(), checkpoint_dir, resume)
 
     def epoch_weights(self) -> Mapping[str, mx.nd.NDArray]:
-        return {name: device_copies(name, parameter)[0] for name, parameter in self._parameters}
+        return self.raw_weights()
 
     def finish_training(self) -> None:
         if self._checkpoints.records:
@@ -354,6 +433,19 @@ class MovingAverageCallback(AveragingCallback):
         ``checkpoint_dir`` after its last complete epoch: raw weights,
         averages, update count (so the warm-up goes on), kept checkpoints and
         history. Give the resumed ``Trainer`` the epochs still to run.
+    trigger
+        An :class:`~modavg_plugin.triggers.AveragingTrigger` config that starts
+        the average at an epoch's end, e.g. ``{"type": "nta", "n": 5}`` or
+        ``{"type": "alpha_suffix", "alpha": 0.25}`` (GluonTS's rules, fed the
+        validation loss, else the training loss); until then the average
+        follows the weights. ``None``: the average's own ``start_step``.
+    posthoc
+        Keep post-hoc EMA snapshots (Karras et al., 2024) in
+        ``{checkpoint_dir}/posthoc``: ``{"sigma_rels": [0.05, 0.10],
+        "every_epochs": 1}`` (these are the defaults of the keys) tracks one
+        power-function EMA per ``sigma_rel`` and saves both every
+        ``every_epochs`` epochs and at the end; ``modavg posthoc`` then
+        builds the EMA of any length from them. Needs ``checkpoint_dir``.
     """
 
     @validated()
@@ -365,6 +457,8 @@ class MovingAverageCallback(AveragingCallback):
         shadow_context: Optional[str] = None,
         compare_raw: bool = True,
         resume: bool = False,
+        trigger: Optional[Dict[str, Any]] = None,
+        posthoc: Optional[Dict[str, Any]] = None,
     ) -> None:
         self.average = {"type": MovingAverage.default_implementation, **(average or {})}
         check_average_config(self.average)
@@ -372,34 +466,57 @@ class MovingAverageCallback(AveragingCallback):
         super().__init__(avg_strategy, checkpoint_dir, resume)
         self.shadow_context = shadow_context
         self.compare_raw = compare_raw
+        self.trigger = trigger
+        self.posthoc = posthoc
+        self._trigger = trigger_from_config(trigger, self.average)
+        self._posthoc_options = posthoc_options(posthoc, checkpoint_dir)
         self.moving_average: Optional[MovingAverage] = None
+        self.posthoc_snapshots: Optional[PostHocSnapshots] = None
         self.num_updates = 0
-        self._validation = AveragedValidation(
-            swap_average=lambda: self.moving_average.assign_average_value(),
-            swap_raw=lambda: self.moving_average.restore(),
-            measure_raw=compare_raw,
-        )
+        self.max_epochs = 0
+        self._validation.measure_raw = compare_raw
 
     def on_train_start(self, max_epochs: int = 0, **kwargs: Any) -> None:
         super().on_train_start(max_epochs, **kwargs)
         self.moving_average = None
+        self.posthoc_snapshots = None
         self.num_updates = 0
+        self.max_epochs = int(max_epochs)
+        self._trigger = trigger_from_config(self.trigger, self.average)
 
     def state_counters(self) -> Dict[str, Any]:
-        return {"num_updates": self.num_updates, "num_applied": self.moving_average.num_applied}
+        counters = {"num_updates": self.num_updates, **self.moving_average.counters()}
+        if self._trigger is not None:
+            counters["trigger"] = self._trigger.state_dict()
+        if self.posthoc_snapshots is not None:
+            counters["posthoc"] = posthoc_state_parts(self.posthoc_snapshots)[0]
+        return counters
 
     def state_arrays(self) -> Mapping[str, mx.nd.NDArray]:
-        return self.moving_average.shadows
+        arrays = dict(self.moving_average.shadows)
+        if self.posthoc_snapshots is not None:
+            arrays.update({POSTHOC_PREFIX + name: value for name, value in posthoc_state_parts(self.posthoc_snapshots)[1].items()})
+        return arrays
 
     def load_state_arrays(self, arrays: Mapping[str, mx.nd.NDArray], state: Mapping[str, Any]) -> None:
-        self.moving_average.load_state_dict({"num_applied": state["num_applied"], "shadows": arrays})
+        averages = {name: value for name, value in arrays.items() if not name.startswith(POSTHOC_PREFIX)}
+        self.moving_average.load_state_dict({**state, "shadows": averages})
         self.num_updates = int(state["num_updates"])
+        if self._trigger is not None:
+            self._trigger.load_state_dict(state.get("trigger", {}))
+        if self.posthoc_snapshots is not None and "posthoc" in state:
+            self.posthoc_snapshots.load_state_dict(posthoc_state(state["posthoc"], arrays_named(arrays, POSTHOC_PREFIX)))
 
     def start_averaging(self) -> None:
         """Shadows start from the freshly initialised weights (a resume then loads the saved averages)."""
-        self.moving_average = MovingAverage.from_config(
-            {**self.average, "shadow_context": self.shadow_context}, parameters=self._parameters
-        )
+        config = {**self.average, "shadow_context": self.shadow_context}
+        if self._trigger is not None:
+            config["start_step"] = None  # the trigger starts it
+        self.moving_average = MovingAverage.from_config(config, parameters=self._parameters)
+        if self._posthoc_options is not None:
+            self.posthoc_snapshots = PostHocSnapshots(
+                self._parameters, self._posthoc_options["folder"], self._posthoc_options["sigma_rels"], self.shadow_context
+            )
 
     def on_train_epoch_start(self, training_network: mx.gluon.HybridBlock, **kwargs: Any) -> None:
         """Train from the raw weights; before the first step, re-read them.
@@ -415,24 +532,40 @@ class MovingAverageCallback(AveragingCallback):
         """One optimiser step happened (GluonTS skips this hook for NaN-loss batches)."""
         self.num_updates += 1
         self.moving_average.apply(num_updates=self.num_updates)
+        if self.posthoc_snapshots is not None:
+            self.posthoc_snapshots.apply()
         return True
 
     def on_validation_epoch_start(self, training_network: mx.gluon.HybridBlock, **kwargs: Any) -> None:
         """Validate the averaged weights, swapped in for each forward pass (and, with ``compare_raw``, the raw ones)."""
         self.moving_average.restore()
-        self._validation.attach(training_network)
+        super().on_validation_epoch_start(training_network, **kwargs)
+
+    def swap_average(self) -> None:
+        self.moving_average.assign_average_value()
+
+    def swap_raw(self) -> None:
+        self.moving_average.restore()
 
     def on_validation_epoch_end(self, epoch_no: int, epoch_loss: float, **kwargs: Any) -> bool:
         """Record both validation losses."""
-        self._validation.detach()
         super().on_validation_epoch_end(epoch_no, epoch_loss, **kwargs)
         if self.compare_raw:
             self.history_entry(epoch_no)["raw_validation_loss"] = self._validation.raw_loss
         return True
 
     def on_epoch_end(self, epoch_no: int, epoch_loss: float, **kwargs: Any) -> bool:
+        """As the base; before, a trigger may start the average; after, post-hoc snapshots may be saved."""
         self.moving_average.restore()
-        return super().on_epoch_end(epoch_no, epoch_loss, **kwargs)
+        epochs_done = self.history_entry(epoch_no)["epoch_no"] + 1
+        if self._trigger is not None and self.moving_average.start_step is None:
+            if self._trigger.should_start(epochs_done, float(epoch_loss), self.epochs_before + self.max_epochs):
+                self.moving_average.start_now()
+                logger.info("epoch %d: the %s trigger starts the average after update %d", epochs_done - 1, self.trigger.get("type", "nta"), self.num_updates)
+        keep_going = super().on_epoch_end(epoch_no, epoch_loss, **kwargs)
+        if self.posthoc_snapshots is not None and epochs_done % self._posthoc_options["every_epochs"] == 0:
+            self.posthoc_snapshots.save_new()
+        return keep_going
 
     def describe_epoch(self, entry: Mapping[str, float]) -> str:
         if "raw_validation_loss" not in entry:
@@ -442,12 +575,16 @@ class MovingAverageCallback(AveragingCallback):
         return f"validation loss {averaged:.6g} with the moving average, {raw:.6g} with the raw weights{change}"
 
     def epoch_weights(self) -> Mapping[str, mx.nd.NDArray]:
-        return self.moving_average.shadows
+        """The averages, and the raw values of parameters left out of them (``include``, ``exclude``, ``non_trainable``)."""
+        shadows = self.moving_average.shadows
+        return shadows if len(shadows) == len(self._parameters) else {**self.raw_weights(), **shadows}
 
     def finish_training(self) -> None:
         self._validation.detach()
         if self.moving_average is None:
             return
+        if self.posthoc_snapshots is not None:
+            self.posthoc_snapshots.save_new()
         self.moving_average.restore()
         if self.avg_strategy is not None and self._checkpoints.records:
             if self.assign_checkpoint_average(fallback="the final moving average"):
@@ -495,7 +632,7 @@ class ExponentialAveragingCallback(MovingAverageCallback):
 def check_average_config(config: Mapping[str, Any]) -> None:
     """Refuse an unknown average name or argument now, not at the first epoch (``ConfigurationError``)."""
     implementation = MovingAverage.by_name(str(config["type"]))
-    accepted = set(inspect.signature(implementation.__init__).parameters) - {"self", "parameters", "shadow_context"}
+    accepted = set(constructor_parameters(implementation)) - {"parameters", "shadow_context"}
     unknown = sorted(set(config) - accepted - {"type"})
     if unknown:
         raise ConfigurationError(

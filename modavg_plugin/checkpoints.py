@@ -41,10 +41,12 @@ __all__ = [
     "average_arrays",
     "average_checkpoint_files",
     "check_weights",
+    "list_folder_files",
     "load_params",
     "normalised_weights",
     "read_array_names",
     "read_checkpoint_records",
+    "read_json_object",
     "save_epoch_info",
     "save_json",
     "read_state_file",
@@ -729,3 +731,35 @@ def _add_loaded(total: WeightedSum, path: str, weight: float) -> None:
         raise _Unusable(f"checkpoint file {path} has an array NumPy cannot hold ({error})") from None
     total.add(values, weight, path)
     del loaded
+
+
+def list_folder_files(folder: str) -> List[str]:
+    """The sorted names in ``folder`` except ``.tmp-*`` leftovers, which are ignored with one warning.
+
+    The listing :func:`read_checkpoint_records` starts from, for other kinds
+    of records kept in a checkpoint folder.
+
+    Raises
+    ------
+    CheckpointError
+        ``folder`` does not exist, is not a folder or cannot be listed.
+    """
+    names = _list_folder(folder)
+    _report_leftovers(folder, [name for name in names if name.startswith(TEMPORARY_PREFIX)])
+    return [name for name in names if not name.startswith(TEMPORARY_PREFIX)]
+
+
+def read_json_object(path: str, limit: int = MAX_EPOCH_INFO_BYTES) -> Dict[str, Any]:
+    """The JSON object in the regular file ``path`` of at most ``limit`` bytes, read as epoch-info files are.
+
+    Raises
+    ------
+    CheckpointError
+        The file is too large, not a regular file, unreadable, not UTF-8, not
+        JSON or not a JSON object; the message is the reason alone (the
+        caller names the file).
+    """
+    try:
+        return _parse_epoch_info(_read_small_file(path, limit))
+    except _Skipped as reason:
+        raise CheckpointError(str(reason)) from None

@@ -1,4 +1,4 @@
-"""The ``modavg`` command: average ``.params`` checkpoints without writing code.
+"""The ``modavg`` command: average ``.params`` checkpoints, or rebuild a post-hoc EMA, without writing code.
 
 ``modavg average FILE [FILE ...] -o OUT`` writes the equal-weight mean of
 the files; ``modavg average FOLDER`` selects from the folder's
@@ -18,6 +18,15 @@ strategy selects, and a selected checkpoint that turns unreadable afterwards
 is skipped with the remaining weights renormalised, like
 :meth:`AveragingStrategy.apply`.
 
+``modavg posthoc FOLDER (--sigma-rel S | --gamma G) [--step T] -o OUT``
+rebuilds the power-function EMA of width ``S`` (or exponent ``G``) at step
+``T`` (default: the last saved) from the snapshots
+:class:`~modavg_plugin.posthoc.PostHocSnapshots` saved in ``FOLDER``, a
+signed combination of them (:func:`~modavg_plugin.posthoc.plan_posthoc`),
+streamed one file at a time and written atomically. Unusable snapshot
+records are skipped with one warning; ``--dry-run`` prints each snapshot
+used with its coefficient and the fit's residual.
+
 User errors exit with status 1 (2 for wrong arguments) and one line on
 stderr, ``modavg: error: ...``, naming the culprit. This module imports only
 the core (not GluonTS), so the command starts quickly.
@@ -26,6 +35,7 @@ the core (not GluonTS), so the command starts quickly.
 import argparse
 import contextlib
 import logging
+import math
 import os
 import sys
 from dataclasses import dataclass
@@ -33,6 +43,7 @@ from typing import Any, Dict, Iterator, List, NoReturn, Optional, Sequence, Tupl
 
 from tqdm import tqdm
 
+from .averages import MAX_SIGMA_REL
 from .checkpoints import (
     AVERAGED_MODEL_NAME,
     EPOCH_INFO_SUFFIX,
@@ -42,6 +53,7 @@ from .checkpoints import (
     read_array_names,
     save_params,
 )
+from .posthoc import POSTHOC_INFO_SUFFIX, PosthocPlan, check_output_path, combine_snapshots, plan_posthoc
 from .registry import ConfigurationError
 from .strategies import AveragingStrategy
 
@@ -120,9 +132,18 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 def build_parser() -> ArgumentParser:
-    """The command-line parser: ``modavg average ...``."""
-    parser = ArgumentParser(prog=PROGRAM, description="Average MXNet .params checkpoints (Gluon or Module).")
+    """The command-line parser: ``modavg average ...`` and ``modavg posthoc ...``."""
+    parser = ArgumentParser(
+        prog=PROGRAM, description="Average MXNet .params checkpoints (Gluon or Module), or rebuild a post-hoc EMA."
+    )
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    add_average_command(commands)
+    add_posthoc_command(commands)
+    return parser
+
+
+def add_average_command(commands: "argparse._SubParsersAction[ArgumentParser]") -> None:
+    """``modavg average``: the (weighted) mean of files, or of a folder's selected checkpoints."""
     average = commands.add_parser(
         "average",
         help="write the (weighted) mean of checkpoints",
@@ -155,7 +176,43 @@ def build_parser() -> ArgumentParser:
     )
     average.add_argument("--dry-run", action="store_true", help="print the files, weights and output; write nothing")
     average.set_defaults(run=run_average)
-    return parser
+
+
+def add_posthoc_command(commands: "argparse._SubParsersAction[ArgumentParser]") -> None:
+    """``modavg posthoc``: a power-function EMA rebuilt from post-hoc snapshots."""
+    posthoc = commands.add_parser(
+        "posthoc",
+        help="rebuild a power-function EMA of any width from post-hoc snapshots",
+        description=(
+            "Rebuild the power-function EMA of a given width (--sigma-rel) or exponent (--gamma) at a training step "
+            "from the snapshots PostHocSnapshots saved in FOLDER (Karras et al. 2024, sec. 3): a least-squares "
+            "combination of them, with signed coefficients."
+        ),
+    )
+    posthoc.add_argument(
+        "folder",
+        metavar="FOLDER",
+        help=f"folder of posthoc-*.params snapshots and their *{POSTHOC_INFO_SUFFIX} records",
+    )
+    target = posthoc.add_mutually_exclusive_group(required=True)
+    target.add_argument(
+        "--sigma-rel",
+        type=sigma_rel_number,
+        metavar="S",
+        help=f"the EMA's width relative to the run, in (0, {MAX_SIGMA_REL:.4f}); 0.05 averages about the last tenth",
+    )
+    target.add_argument("--gamma", type=positive_number, metavar="G", help="the EMA's exponent instead, a number > 0")
+    posthoc.add_argument(
+        "--step",
+        type=positive_integer,
+        metavar="T",
+        help="the training step to rebuild the EMA at, between the first and last snapshot's (default: the last)",
+    )
+    posthoc.add_argument("-o", "--output", required=True, metavar="OUT", help="file to write (.params, Gluon names)")
+    posthoc.add_argument(
+        "--dry-run", action="store_true", help="print the snapshots, their coefficients and the residual; write nothing"
+    )
+    posthoc.set_defaults(run=run_posthoc)
 
 
 def positive_integer(text: str) -> int:
@@ -167,6 +224,40 @@ def positive_integer(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {value}")
     return value
+
+
+def finite_number(text: str) -> float:
+    """``text`` as a finite float, or an ``argparse`` error."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number, got {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {text!r}")
+    return value
+
+
+def sigma_rel_number(text: str) -> float:
+    """``text`` as a number in ``(0, MAX_SIGMA_REL)``, or an ``argparse`` error stating the allowed range."""
+    value = _number_or_range_error(text, f"a number in (0, {MAX_SIGMA_REL:.4f})")
+    if not 0.0 < value < MAX_SIGMA_REL:
+        raise argparse.ArgumentTypeError(f"must be a number in (0, {MAX_SIGMA_REL:.4f}), got {text}")
+    return value
+
+
+def positive_number(text: str) -> float:
+    """``text`` as a finite number > 0, or an ``argparse`` error stating the allowed range."""
+    value = _number_or_range_error(text, "a finite number > 0")
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text}")
+    return value
+
+
+def _number_or_range_error(text: str, allowed: str) -> float:
+    try:
+        return finite_number(text)
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(f"must be {allowed}, got {text!r}") from None
 
 
 def run_average(arguments: argparse.Namespace) -> int:
@@ -277,6 +368,40 @@ def write_average(plan: AveragingPlan) -> None:
     with tqdm(total=len(plan.paths), disable=None, file=sys.stderr, unit="checkpoint", desc=PROGRAM) as bar:
         averaged = average_checkpoint_files(plan.paths, plan.weights, progress=lambda _path: bar.update())
     save_params(plan.output, averaged)
+
+
+def run_posthoc(arguments: argparse.Namespace) -> int:
+    """``modavg posthoc``: plan, then print the plan (``--dry-run``) or write the rebuilt EMA."""
+    plan = plan_posthoc(arguments.folder, sigma_rel=arguments.sigma_rel, gamma=arguments.gamma, step=arguments.step)
+    check_output_path(arguments.output, plan)
+    if arguments.dry_run:
+        print_posthoc_plan(plan, arguments.output)
+    else:
+        write_posthoc(plan, arguments.output)
+        print(arguments.output)
+    return 0
+
+
+def print_posthoc_plan(plan: PosthocPlan, output: str) -> None:
+    """``--dry-run``: the target and output, each snapshot with its coefficient, then the residual."""
+    print(
+        f"would rebuild the EMA of sigma_rel {plan.sigma_rel:.4g} (gamma {plan.gamma:.4g}) at step {plan.step} "
+        f"from {len(plan.snapshots)} snapshots into {output} (dry run, nothing written):"
+    )
+    print(f"  {'coefficient':<14}  {'step':>10}  {'gamma':<10}  snapshot")
+    for record, coefficient in zip(plan.snapshots, plan.coefficients):
+        print(f"  {coefficient:<14.6g}  {record['step']:>10}  {record['gamma']:<10.4g}  {record['params_path']}")
+    print(
+        f"residual {plan.residual:.3g} (sum over steps of |combined profile - target profile|: "
+        "each value is within residual * max |weight| over training of the exact EMA)"
+    )
+
+
+def write_posthoc(plan: PosthocPlan, output: str) -> None:
+    """Stream the snapshots into their signed sum (a progress bar on a terminal) and write it atomically."""
+    with tqdm(total=len(plan.snapshots), disable=None, file=sys.stderr, unit="snapshot", desc=PROGRAM) as bar:
+        arrays = combine_snapshots(plan, progress=lambda _path: bar.update())
+    save_params(output, arrays)
 
 
 def error_message(error: BaseException) -> str:

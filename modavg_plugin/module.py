@@ -17,6 +17,7 @@ plugin reaches into a host's private state.
 """
 
 import logging
+import math
 import os
 import tempfile
 import warnings
@@ -29,7 +30,9 @@ from .checkpoint_log import CheckpointLog
 from .checkpoints import TEMPORARY_PREFIX, arrays_named, read_state_file, save_state_file, write_atomically
 from .parameters import DeviceArrays, NamedParameters
 from .registry import ConfigurationError
-from .strategies import AveragingStrategy
+from .posthoc import PostHocSnapshots, posthoc_options, posthoc_state, posthoc_state_parts
+from .strategies import AveragingStrategy, needs_evaluation
+from .triggers import trigger_from_config
 
 __all__ = ["ModuleAveraging", "broadcast_from_rank_zero", "module_arrays"]
 
@@ -39,6 +42,7 @@ ARG_PREFIX = "arg:"
 AUX_PREFIX = "aux:"
 AUX_STATES = ("average", "copy")
 RECORDED_SCORE = "score"
+POSTHOC_PREFIX = "posthoc:"
 HIGHER_IS_BETTER = ("accuracy", "top_k_accuracy", "f1", "mcc", "pearsonr", "pcc")
 Config = Union[None, str, Mapping[str, Any]]
 
@@ -60,7 +64,10 @@ def module_arrays(module: mx.mod.Module, include_aux: bool = True) -> NamedParam
 
     pairs = [(ARG_PREFIX + name, DeviceArrays(copies("param_arrays", index))) for index, name in enumerate(group.param_names)]
     if include_aux:
-        pairs += [(AUX_PREFIX + name, DeviceArrays(copies("aux_arrays", index))) for index, name in enumerate(group.aux_names)]
+        pairs += [
+            (AUX_PREFIX + name, DeviceArrays(copies("aux_arrays", index), grad_req="null"))
+            for index, name in enumerate(group.aux_names)
+        ]
     return pairs
 
 
@@ -104,6 +111,15 @@ class ModuleAveraging:
         This worker's rank in a distributed job, an integer >= 0; ``None``:
         from the module's kvstore (0 unless ``dist_*``). Only rank 0 writes
         checkpoints; :meth:`finish` gives every worker rank 0's final weights.
+    trigger
+        An :class:`~modavg_plugin.triggers.AveragingTrigger` config that starts
+        the moving average at an epoch's end (``{"type": "nta", "n": 5}``,
+        ``{"type": "alpha_suffix"}``), fed ``score``; ``None``: the average's
+        own ``start_step``. Needs ``num_epoch`` in :meth:`fit`.
+    posthoc
+        Keep post-hoc EMA snapshots in ``{checkpoint folder}/posthoc``:
+        ``{"sigma_rels": [0.05, 0.10], "every_epochs": 1}`` (the defaults),
+        for ``modavg posthoc``. Needs ``checkpoint_prefix``.
     resume
         ``True``: :meth:`fit` continues from the state an earlier, stopped run
         saved next to ``checkpoint_prefix`` after its last complete epoch
@@ -124,6 +140,8 @@ class ModuleAveraging:
         aux_states: str = "average",
         rank: Optional[int] = None,
         resume: bool = False,
+        trigger: Optional[Mapping[str, Any]] = None,
+        posthoc: Optional[Mapping[str, Any]] = None,
     ) -> None:
         if resume and checkpoint_prefix is None:
             raise ConfigurationError("resume=True needs checkpoint_prefix: where the earlier run saved its state")
@@ -147,6 +165,16 @@ class ModuleAveraging:
         self._training_metric: Optional[mx.metric.EvalMetric] = None
         self.resume = resume
         self._resumed_state: Optional[Dict[str, Any]] = None
+        self.trigger = trigger
+        average_options = dict(average) if isinstance(average, Mapping) else {}
+        self._trigger = trigger_from_config(trigger, average_options)
+        if trigger is not None and average is None:
+            raise ConfigurationError("a trigger starts a moving average: give average too")
+        self._posthoc_options = posthoc_options(posthoc, self._folder if checkpoint_prefix is not None else None)
+        self.posthoc_snapshots: Optional[PostHocSnapshots] = None
+        self._num_epoch: Optional[int] = None
+        self._eval_data: Optional[mx.io.DataIter] = None
+        self._validation_metric: Any = None
 
     # Wiring -------------------------------------------------------------------
 
@@ -173,6 +201,11 @@ class ModuleAveraging:
         for argument, callback in self.callbacks().items():
             fit_arguments[argument] = _as_list(fit_arguments.get(argument)) + [callback]
         self._with_validation = eval_data is not None
+        self._eval_data = eval_data
+        self._validation_metric = fit_arguments.get("validation_metric") or fit_arguments.get("eval_metric", "acc")
+        self._num_epoch = fit_arguments.get("num_epoch")
+        if self._trigger is not None and self._num_epoch is None:
+            raise ConfigurationError("a trigger needs fit(..., num_epoch=N): its rules count in epochs")
         resuming = self.resume and os.path.isfile(self._state_path())
         if resuming:
             fit_arguments["begin_epoch"] = self._load_state(train_data, fit_arguments)
@@ -200,12 +233,26 @@ class ModuleAveraging:
             return
         self.num_updates += 1
         if self.moving_average is None:
-            parameters = module_arrays(self.module, include_aux=self.aux_states == "average")
-            self.moving_average = MovingAverage.from_config(self.average_config, parameters=parameters)
-            if self._resumed_state is not None:
-                self.moving_average.load_state_dict(self._resumed_state)
-                self._resumed_state = None
+            self._start_averaging()
         self.moving_average.apply(num_updates=self.num_updates)  # the first: the shadows stay these weights
+        if self.posthoc_snapshots is not None:
+            self.posthoc_snapshots.apply()
+
+    def _start_averaging(self) -> None:
+        parameters = module_arrays(self.module, include_aux=self.aux_states == "average")
+        config = {"type": self.average_config} if isinstance(self.average_config, str) else dict(self.average_config)
+        if self._trigger is not None:
+            config["start_step"] = None  # the trigger starts it
+        self.moving_average = MovingAverage.from_config(config, parameters=parameters)
+        if self._posthoc_options is not None:
+            self.posthoc_snapshots = PostHocSnapshots(parameters, self._posthoc_options["folder"], self._posthoc_options["sigma_rels"])
+        if self._resumed_state is not None:
+            self.moving_average.load_state_dict(self._resumed_state)
+            if self.posthoc_snapshots is not None and "posthoc" in self._resumed_state:
+                self.posthoc_snapshots.load_state_dict(self._resumed_state["posthoc"])
+            if self._trigger is not None:
+                self._trigger.load_state_dict(self._resumed_state.get("trigger", {}))
+            self._resumed_state = None
 
     def on_epoch_end(self, epoch: int, symbol: mx.sym.Symbol, arg_params: Mapping, aux_params: Mapping) -> None:
         """Swap the averages in for ``score``; without validation, save the epoch now."""
@@ -229,6 +276,7 @@ class ModuleAveraging:
     def _save(self, epoch: int, metric: Optional[mx.metric.EvalMetric]) -> None:
         metrics = _metric_values(metric)
         self._check_strategy_metric(metrics)
+        self._consult_trigger(int(epoch) + 1, metrics)
         self._checkpoints.writer = self._rank() == 0
         if not self._checkpoints.writer:
             return
@@ -241,6 +289,20 @@ class ModuleAveraging:
         logger.info("epoch %d: saved %s (%s)", epoch_no, path, _describe(metrics))
         if self._folder is not None and self._distributed_kvstore() is None:
             self._save_state(epochs_done=epoch_no)  # a dist kvstore keeps the optimiser state on its servers
+        if self._posthoc_options is not None and epoch_no % self._posthoc_options["every_epochs"] == 0:
+            self._save_posthoc_snapshots()
+
+    def _consult_trigger(self, epochs_done: int, metrics: Mapping[str, float]) -> None:
+        """Start the moving average when the trigger says so (fed ``score``)."""
+        if self._trigger is None or self.moving_average is None or self.moving_average.start_step is not None:
+            return
+        if self._trigger.should_start(epochs_done, metrics.get(RECORDED_SCORE, math.nan), int(self._num_epoch)):
+            self.moving_average.start_now()
+            logger.info("epoch %d: the trigger starts the moving average after update %d", epochs_done, self.num_updates)
+
+    def _save_posthoc_snapshots(self) -> None:
+        if self.posthoc_snapshots is not None and self._rank() == 0:
+            self.posthoc_snapshots.save_new()
 
     # Resuming -----------------------------------------------------------------
 
@@ -252,8 +314,13 @@ class ModuleAveraging:
         state = {"format": 1, "epochs_done": epochs_done, "num_updates": self.num_updates, "records": self._checkpoints.state()}
         arrays = {f"raw:{name}": value for name, value in self._raw_arrays.items()}
         if self.moving_average is not None:
-            state["num_applied"] = self.moving_average.num_applied
+            state.update(self.moving_average.counters())
             arrays.update({f"average:{name}": value for name, value in self.moving_average.shadows.items()})
+        if self._trigger is not None:
+            state["trigger"] = self._trigger.state_dict()
+        if self.posthoc_snapshots is not None:
+            state["posthoc"], posthoc_arrays = posthoc_state_parts(self.posthoc_snapshots)
+            arrays.update({POSTHOC_PREFIX + name: value for name, value in posthoc_arrays.items()})
         optimizer = getattr(self.module, "_optimizer", None)  # no public accessor
         if optimizer is not None:
             state["optimizer_update_counts"] = _update_counts(optimizer)
@@ -302,7 +369,9 @@ class ModuleAveraging:
         self._checkpoints.restore(state["records"])
         self.num_updates = int(state["num_updates"])
         if "num_applied" in state:
-            self._resumed_state = {"num_applied": state["num_applied"], "shadows": arrays_named(arrays, "average:")}
+            self._resumed_state = {**state, "shadows": arrays_named(arrays, "average:")}
+            if "posthoc" in state:
+                self._resumed_state["posthoc"] = posthoc_state(state["posthoc"], arrays_named(arrays, POSTHOC_PREFIX))
         logger.info("resuming after epoch %d from %s", state["epochs_done"], self._state_path())
         return int(state["epochs_done"])
 
@@ -357,13 +426,52 @@ class ModuleAveraging:
     def _assign_final_weights(self) -> None:
         if self.moving_average is not None:
             self.moving_average.restore()
+        self._save_posthoc_snapshots()
         if self.avg_strategy is not None and self._checkpoints.records:
             fallback = "the moving average" if self.moving_average is not None else "its last raw weights"
-            if self._checkpoints.assign_average(self._set_module_arrays, fallback):
+            if self._assign_checkpoint_average(fallback):
                 return
         if self.moving_average is not None:
             self._set_module_arrays(self.moving_average.shadows)
             logger.info("the module holds the moving average after %d updates", self.num_updates)
+
+    def _assign_checkpoint_average(self, fallback: str) -> bool:
+        """The strategy's average into the module; a strategy that evaluates (``"greedy"``) scores on ``eval_data``."""
+        if not needs_evaluation(self.avg_strategy) or self.avg_strategy.evaluate is not None:
+            return self._checkpoints.assign_average(self._set_module_arrays, fallback)
+        self.avg_strategy.evaluate = self._evaluation()
+        try:
+            return self._checkpoints.assign_average(self._set_module_arrays, fallback)
+        finally:
+            self.avg_strategy.evaluate = None
+
+    def _evaluation(self) -> Callable[[Mapping[str, mx.nd.NDArray]], float]:
+        """``Module.score`` on ``eval_data`` of candidate weights (the module's weights put back after each).
+
+        Without ``eval_data``: a warning, and an evaluation that rates every
+        candidate the same, so the greedy soup keeps the best checkpoint alone.
+        """
+        if self._eval_data is None:
+            logger.warning("avg_strategy %r needs eval_data to evaluate candidates: keeping the best checkpoint alone", self.avg_strategy)
+            return lambda arrays: 0.0
+        kept = {name: value.copy() for name, value in checkpoint_names(*self.module.get_params()).items()}
+        metric_name = self.avg_strategy.metric
+
+        def evaluate(arrays: Mapping[str, mx.nd.NDArray]) -> float:
+            self._set_module_arrays(arrays)
+            try:
+                values = _metric_values(self._scored(self._eval_data))
+            finally:
+                self._set_module_arrays(kept)
+            return values.get(metric_name, math.nan)
+
+        return evaluate
+
+    def _scored(self, data: mx.io.DataIter) -> mx.metric.EvalMetric:
+        metric = self._validation_metric
+        metric = metric if isinstance(metric, mx.metric.EvalMetric) else mx.metric.create(metric)
+        self.module.score(data, metric, reset=True)
+        return metric
 
     def _distributed_kvstore(self) -> Optional[mx.kvstore.KVStore]:
         kvstore = getattr(self.module, "_kvstore", None)  # set by Module.init_optimizer; no public accessor

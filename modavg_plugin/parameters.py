@@ -6,11 +6,14 @@ throws away optimiser state or raises. Values are copied into the arrays the
 parameter already owns instead.
 """
 
+import fnmatch
 import re
 from typing import Callable, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
 
 import mxnet as mx
 import numpy as np
+
+from .registry import ConfigurationError
 
 __all__ = [
     "DeviceArrays",
@@ -21,7 +24,9 @@ __all__ = [
     "check_compatible",
     "device_copies",
     "is_floating",
+    "is_trainable",
     "named_parameters",
+    "select_by_name",
     "write_into_parameters",
 ]
 
@@ -36,10 +41,14 @@ class DeviceArrays:
     source
         Returns the current device copies (first copy first). It is called on
         every use, so arrays the host re-creates are followed.
+    grad_req
+        ``"write"`` for trained arrays, ``"null"`` for states the optimiser
+        does not update (a Module's auxiliary states), as Gluon names them.
     """
 
-    def __init__(self, source: Callable[[], Sequence[mx.nd.NDArray]]) -> None:
+    def __init__(self, source: Callable[[], Sequence[mx.nd.NDArray]], grad_req: str = "write") -> None:
         self._source = source
+        self.grad_req = grad_req
 
     def list_data(self) -> List[mx.nd.NDArray]:
         return list(self._source())
@@ -73,6 +82,41 @@ def named_parameters(parameters: Iterable[Tuple[str, ParameterLike]]) -> NamedPa
         seen.add(name)
         device_copies(name, parameter)
     return pairs
+
+
+def select_by_name(
+    parameters: NamedParameters, include: Optional[Sequence[str]], exclude: Optional[Sequence[str]]
+) -> NamedParameters:
+    """The parameters whose name matches a pattern of ``include`` (all when ``None``) and none of ``exclude``.
+
+    Patterns are shell-style (:mod:`fnmatch`, case-sensitive): ``"*weight"``,
+    ``"*batchnorm*"``, ``"dense0_*"``. A pattern that matches no parameter is
+    an error (a typo would otherwise silently change what is averaged), and so
+    is a selection that leaves nothing.
+    """
+    names = [name for name, _ in parameters]
+    for option, patterns in (("include", include), ("exclude", exclude)):
+        for pattern in patterns or ():
+            if not any(fnmatch.fnmatchcase(name, pattern) for name in names):
+                shown = ", ".join(repr(name) for name in names[:5]) + (", ..." if len(names) > 5 else "")
+                raise ConfigurationError(f"{option} pattern {pattern!r} matches no parameter; the names are like {shown}")
+    selected = [
+        (name, parameter)
+        for name, parameter in parameters
+        if (include is None or _matches(name, include)) and not _matches(name, exclude or ())
+    ]
+    if not selected:
+        raise ConfigurationError(f"include={list(include or [])} and exclude={list(exclude or [])} leave no parameter to average")
+    return selected
+
+
+def _matches(name: str, patterns: Sequence[str]) -> bool:
+    return any(fnmatch.fnmatchcase(name, pattern) for pattern in patterns)
+
+
+def is_trainable(parameter: ParameterLike) -> bool:
+    """Whether the optimiser updates ``parameter`` (``grad_req`` is not ``"null"``, e.g. not BatchNorm's running statistics)."""
+    return getattr(parameter, "grad_req", "write") != "null"
 
 
 def device_copies(name: str, parameter: ParameterLike) -> List[mx.nd.NDArray]:

@@ -13,7 +13,7 @@ import typing
 from collections import defaultdict
 from typing import Any, Callable, Dict, List, Mapping, Optional, Type, TypeVar, Union
 
-__all__ = ["ConfigurationError", "Registrable"]
+__all__ = ["ConfigurationError", "Registrable", "constructor_parameters"]
 
 T = TypeVar("T", bound="Registrable")
 
@@ -154,8 +154,8 @@ def _constructor_arguments(
     implementation: type, name: str, config: Dict[str, Any], extras: Dict[str, Any]
 ) -> Dict[str, Any]:
     """Check ``config`` against ``implementation.__init__`` and build nested configs."""
-    signature = inspect.signature(implementation.__init__)
-    accepted = {key for key in signature.parameters if key != "self"}
+    parameters = constructor_parameters(implementation)
+    accepted = set(parameters)
     unknown = sorted(set(config) - accepted)
     if unknown:
         raise ConfigurationError(
@@ -165,12 +165,35 @@ def _constructor_arguments(
     clashing = sorted(set(config) & set(extras))
     if clashing:
         raise ConfigurationError(f"key {clashing[0]!r} is given both in the config and as an extra argument")
-    hints = typing.get_type_hints(implementation.__init__)
     arguments: Dict[str, Any] = {}
     for key, value in config.items():
-        family = _registrable_type(hints.get(key))
+        family = _registrable_type(parameters[key].annotation)
         if family is not None and isinstance(value, (dict, str)):
             value = family.from_config(value)
         arguments[key] = value
     arguments.update({key: value for key, value in extras.items() if key in accepted})
     return arguments
+
+
+def constructor_parameters(implementation: type) -> Dict[str, inspect.Parameter]:
+    """The named arguments ``implementation(...)`` accepts, annotations resolved.
+
+    A constructor ending in ``**options`` that it hands to ``super().__init__``
+    (as the moving averages do with their shared options) accepts the named
+    arguments of the next constructor up the class hierarchy too, and so on.
+    """
+    accepted: Dict[str, inspect.Parameter] = {}
+    for cls in implementation.__mro__:
+        if "__init__" not in vars(cls):
+            continue
+        signature = inspect.signature(cls.__init__)
+        hints = typing.get_type_hints(cls.__init__)
+        forwards = False
+        for name, parameter in signature.parameters.items():
+            if parameter.kind is inspect.Parameter.VAR_KEYWORD:
+                forwards = True
+            elif name != "self" and parameter.kind is not inspect.Parameter.VAR_POSITIONAL:
+                accepted.setdefault(name, parameter.replace(annotation=hints.get(name, parameter.annotation)))
+        if not forwards:
+            break
+    return accepted

@@ -13,13 +13,17 @@ trusted to mean what they say). NaN, infinities, integers too large for a
 float, and values that are not numbers (strings, booleans, ``null``) are
 never selected; :meth:`AveragingStrategy.select_checkpoints` names such
 records in one warning.
+
+``"greedy"`` (:class:`GreedySoup`) also evaluates averages: it needs an
+``evaluate`` callable, given by the caller (e.g. a validation loss), and
+cannot be used where nothing can evaluate, such as ``modavg average``.
 """
 
 import logging
 import math
 import numbers
 import os
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import mxnet as mx
 import numpy as np
@@ -29,14 +33,26 @@ from .checkpoints import (
     CheckpointError,
     average_arrays,
     average_checkpoint_files,
+    check_same_names,
+    host_array,
     list_some,
+    load_params,
     read_checkpoint_records,
     save_params,
     shown_value,
 )
+from .parameters import averaging_dtype, is_floating
 from .registry import ConfigurationError, Registrable
 
-__all__ = ["AveragingStrategy", "SelectNBestMean", "SelectNBestSoftmax", "softmax_weights"]
+__all__ = [
+    "AveragingStrategy",
+    "Evaluation",
+    "GreedySoup",
+    "SelectNBestMean",
+    "SelectNBestSoftmax",
+    "needs_evaluation",
+    "softmax_weights",
+]
 
 logger = logging.getLogger("gluonts.modavg_plugin.strategies")
 
@@ -132,15 +148,20 @@ class AveragingStrategy(Registrable):
         Checkpoints whose metric is missing, not a number, NaN or infinite
         are never selected; they are named, with the reason, in one warning.
         """
+        ranked = self.candidate_checkpoints(checkpoints)
+        scores = [float(record[self.metric]) for record in ranked]
+        weights = self.checkpoint_weights(scores)
+        return [str(record["params_path"]) for record in ranked], [float(weight) for weight in weights]
+
+    def candidate_checkpoints(self, checkpoints: Sequence[Mapping[str, Any]]) -> List[Mapping[str, Any]]:
+        """The best ``num_models`` checkpoints by the metric, best first; the unrankable ones named in one warning."""
         excluded = self.excluded_checkpoints(checkpoints)
         ranked = self.rank_checkpoints(checkpoints)[: self.num_models]
         if excluded:
             logger.warning(
                 "not selecting %d of %d checkpoints: %s", len(excluded), len(checkpoints), _list_reasons(excluded)
             )
-        scores = [float(record[self.metric]) for record in ranked]
-        weights = self.checkpoint_weights(scores)
-        return [str(record["params_path"]) for record in ranked], [float(weight) for weight in weights]
+        return ranked
 
     def rank_checkpoints(self, checkpoints: Sequence[Mapping[str, Any]]) -> List[Mapping[str, Any]]:
         """Checkpoints with a finite metric, best first (ties: earlier epoch first, then the given order).
@@ -248,3 +269,261 @@ class SelectNBestSoftmax(AveragingStrategy):
 
     def checkpoint_weights(self, scores: Sequence[float]) -> np.ndarray:
         return softmax_weights(scores, self.maximize)
+
+
+Evaluation = Callable[[Mapping[str, mx.nd.NDArray]], float]
+
+GREEDY_NEEDS_EVALUATION = (
+    'the "greedy" strategy needs an evaluation: pass evaluate=callable(arrays) -> score (or set strategy.evaluate); '
+    '`modavg average` and callbacks without validation data cannot evaluate: use "mean" there'
+)
+
+
+@AveragingStrategy.register("greedy")
+class GreedySoup(AveragingStrategy):
+    """Greedy model soup, when averages can be evaluated: a checkpoint joins only if the mean scores better with it.
+
+    Use it when the averaged weights can be evaluated (held-out validation
+    data) and some checkpoints could spoil a plain mean, e.g. ones from
+    different basins or from before the loss settled: the candidates, the
+    ``num_models`` best by ``metric``, are tried best first, and each joins
+    only if the equal-weight mean of the soup with it scores strictly better
+    under ``evaluate``. Without ``evaluate`` it cannot select, so not in
+    ``modavg average`` nor in a callback without validation data: use
+    ``"mean"`` there.
+
+    Recipe 1 of Wortsman et al., "Model soups: averaging weights of multiple
+    fine-tuned models improves accuracy without increasing inference time",
+    ICML 2022 (https://arxiv.org/abs/2203.05482). The soup starts as the best
+    candidate, scored by ``evaluate`` as well, so that every comparison uses
+    the same evaluation. A NaN or infinite evaluation is no improvement (and
+    worse than any finite one); a candidate file that cannot be read or holds
+    NaN or infinite values is skipped with a warning. The result is the
+    soup's checkpoints with equal weights. Memory: about three model sizes
+    (the soup's running sum, in float32 or wider, one candidate and the mean
+    being evaluated), whatever ``num_models``.
+
+    Parameters
+    ----------
+    num_models
+        How many candidates to try, an integer >= 1: the best by ``metric``
+        (fewer when fewer have a finite ``metric``). The soup keeps between
+        1 and ``num_models`` of them.
+    maximize
+        ``True``: high values are better, both for ``metric`` (the order the
+        candidates are tried in) and for ``evaluate``'s scores (accuracy);
+        ``False``: low ones (losses).
+    evaluate
+        ``evaluate(arrays) -> score``, the score of the weights given as
+        name -> CPU ``mx.nd.NDArray`` with the checkpoint files' names and
+        dtypes, e.g. the validation loss of a network holding them. Needed by
+        :meth:`select_checkpoints`; may be set later through the attribute
+        ``evaluate``. Not part of the configuration: serde, pickles and
+        copies leave it out (see Notes).
+
+    Attributes
+    ----------
+    evaluate
+        As the argument; ``None`` until given.
+    trials
+        The candidates of the last :meth:`select_checkpoints`, in the order
+        tried, as dicts: ``path``; ``score``, the evaluation of the soup's mean
+        with the candidate (the first candidate alone), ``None`` for a file
+        skipped unread; and ``kept``.
+
+    Notes
+    -----
+    ``evaluate`` (often a closure over a network and data) is run-time state,
+    not configuration: ``repr``, ``==``, ``hash`` and ``__getnewargs_ex__``
+    (hence GluonTS's serde) see only ``num_models``, ``metric`` and
+    ``maximize``, and a pickled or copied strategy (``pickle``,
+    ``copy.copy``, ``copy.deepcopy``) has ``evaluate = None`` and no
+    ``trials``: set ``evaluate`` again on it. So an unpicklable ``evaluate``
+    (a lambda) never breaks saving the configuration.
+
+    :meth:`select_checkpoints` keeps the soup's mean it computed, and
+    :meth:`average` of exactly that selection (what :meth:`apply` and the
+    adapters ask for next) returns it instead of reading the files again; any
+    other call reads the files.
+    """
+
+    def __init__(
+        self, num_models: int = 5, metric: str = "score", maximize: bool = False, evaluate: Optional[Evaluation] = None
+    ) -> None:
+        super().__init__(num_models, metric, maximize)
+        self.evaluate = _checked_evaluation(evaluate)
+        self.trials: List[Dict[str, Any]] = []
+        self._kept_average: Optional[Tuple[List[str], List[float], Dict[str, mx.nd.NDArray]]] = None
+
+    def __getstate__(self) -> Dict[str, Any]:
+        """The configuration only: no ``evaluate`` (it may not pickle), ``trials`` or kept mean (see Notes)."""
+        return {**self.__dict__, "evaluate": None, "trials": [], "_kept_average": None}
+
+    def select_checkpoints(self, checkpoints: Sequence[Mapping[str, Any]]) -> Tuple[List[str], List[float]]:
+        """The soup's checkpoints, best candidate first, with equal weights; :attr:`trials` says why.
+
+        Every call evaluates afresh. One INFO line is logged per candidate.
+
+        Raises
+        ------
+        ConfigurationError
+            ``evaluate`` is not set or not callable, or returns something
+            other than a number.
+        CheckpointError
+            No candidates (see :meth:`rank_checkpoints`), none readable with
+            finite values, or candidates whose parameter names or shapes
+            differ (naming the parameter and the files).
+        """
+        evaluate = self._evaluation()
+        self.trials, self._kept_average = [], None
+        candidates = [str(record["params_path"]) for record in self.candidate_checkpoints(checkpoints)]
+        soup: Optional[_Soup] = None
+        for path in candidates:
+            soup = self._try_candidate(soup, path, evaluate)
+        if soup is None:
+            raise CheckpointError(
+                f"no usable checkpoint among the {len(candidates)} candidates: {list_some(candidates, ', ', ' ')}"
+            )
+        paths, weights = list(soup.paths), [1.0 / len(soup.paths)] * len(soup.paths)
+        self._kept_average = (paths, weights, soup.mean())
+        return list(paths), list(weights)
+
+    def average(self, param_paths: Sequence[str], weights: Sequence[float]) -> Dict[str, mx.nd.NDArray]:
+        """The mean :meth:`select_checkpoints` computed, for exactly its selection; else the files' weighted mean."""
+        kept, self._kept_average = self._kept_average, None
+        if kept is not None and list(param_paths) == kept[0] and list(weights) == kept[1]:
+            return kept[2]
+        return super().average(param_paths, weights)
+
+    def _evaluation(self) -> Evaluation:
+        if self.evaluate is None:
+            raise ConfigurationError(GREEDY_NEEDS_EVALUATION)
+        return _checked_evaluation(self.evaluate)
+
+    def _try_candidate(self, soup: Optional["_Soup"], path: str, evaluate: Evaluation) -> Optional["_Soup"]:
+        """Read the candidate at ``path``: start the soup with it, or add it if the mean with it scores better."""
+        arrays = _read_candidate(path)
+        if arrays is None:
+            self.trials.append({"path": path, "score": None, "kept": False})
+            return soup
+        if soup is None:
+            soup = _Soup(arrays, path)
+            soup.score = _score(evaluate, soup.mean())  # as every later mean: from the sum, dense
+            logger.info("greedy soup: %s starts the soup, scoring %.6g", path, soup.score)
+            self.trials.append({"path": path, "score": soup.score, "kept": True})
+            return soup
+        soup.check_matches(arrays, path)
+        score = _score(evaluate, soup.mean(arrays))
+        kept = self._improves(score, soup.score)
+        self._log_trial(path, score, kept, soup)
+        self.trials.append({"path": path, "score": score, "kept": kept})
+        if kept:
+            soup.add(arrays, path, score)
+        return soup
+
+    def _improves(self, score: float, current: float) -> bool:
+        """Whether ``score`` is strictly better than ``current``; non-finite scores are worse than any finite one."""
+        if not math.isfinite(score):
+            return False
+        if not math.isfinite(current):
+            return True
+        return score > current if self.maximize else score < current
+
+    @staticmethod
+    def _log_trial(path: str, score: float, kept: bool, soup: "_Soup") -> None:
+        count = len(soup.paths) + 1
+        if kept:
+            message = "greedy soup: kept %s: the mean of %d checkpoints scores %.6g, better than %.6g"
+        else:
+            message = "greedy soup: rejected %s: the mean of %d checkpoints would score %.6g, not better than %.6g"
+        logger.info(message, path, count, score, soup.score)
+
+
+class _Soup:
+    """The soup's files and their running sum on the host: floats in float32 or wider, integers from the first file."""
+
+    def __init__(self, arrays: Mapping[str, mx.nd.NDArray], path: str) -> None:
+        self.paths = [path]
+        self.score = math.nan
+        self._dtypes = {name: np.dtype(array.dtype) for name, array in arrays.items()}
+        self._sums = {name: _host_copy(array) for name, array in arrays.items()}
+
+    def check_matches(self, arrays: Mapping[str, mx.nd.NDArray], path: str) -> None:
+        """:class:`CheckpointError` naming a parameter whose name or shape differs from the first file's."""
+        check_same_names(arrays, path, self._sums, self.paths[0])
+        for name, total in self._sums.items():
+            if tuple(arrays[name].shape) != total.shape:
+                shape = tuple(arrays[name].shape)
+                raise CheckpointError(
+                    f"parameter {name!r} has shape {shape} in {path} but {total.shape} in {self.paths[0]}"
+                )
+
+    def add(self, arrays: Mapping[str, mx.nd.NDArray], path: str, score: float) -> None:
+        """Put the file ``path`` (its ``arrays``, scoring ``score`` with the soup) into the soup."""
+        for name, total in self._sums.items():
+            if is_floating(self._dtypes[name]):
+                np.add(total, host_array(arrays[name]), out=total, dtype=total.dtype)
+        self.paths.append(path)
+        self.score = score
+
+    def mean(self, candidate: Optional[Mapping[str, mx.nd.NDArray]] = None) -> Dict[str, mx.nd.NDArray]:
+        """The equal-weight mean of the soup (and ``candidate``), as CPU NDArrays in the files' dtypes."""
+        count = len(self.paths) + (candidate is not None)
+        return {name: self._mean_of(name, candidate, count) for name in self._sums}
+
+    def _mean_of(self, name: str, candidate: Optional[Mapping[str, mx.nd.NDArray]], count: int) -> mx.nd.NDArray:
+        total, dtype = self._sums[name], self._dtypes[name]
+        if not is_floating(dtype):
+            return mx.nd.array(total, dtype=dtype)
+        if candidate is not None:  # the same sum as add() would keep
+            total = np.add(total, host_array(candidate[name]), dtype=total.dtype)
+        return mx.nd.array(total / count, dtype=dtype)
+
+
+def _host_copy(array: mx.nd.NDArray) -> np.ndarray:
+    """A NumPy copy of ``array``: floats in float32 or wider, integers as they are."""
+    values = host_array(array)
+    return values.astype(averaging_dtype(values.dtype)) if is_floating(values.dtype) else values.copy()
+
+
+def _read_candidate(path: str) -> Optional[Dict[str, mx.nd.NDArray]]:
+    """The arrays of ``path``; ``None``, with a warning, when it is unreadable or holds NaN or infinite values."""
+    try:
+        arrays = load_params(path)
+    except CheckpointError as error:
+        logger.warning("skipping %s", error)
+        return None
+    if not all(_all_finite(host_array(array)) for array in arrays.values() if is_floating(array.dtype)):
+        logger.warning("skipping checkpoint file %s: it holds NaN or infinite values", path)
+        return None
+    return arrays
+
+
+def _all_finite(values: np.ndarray) -> bool:
+    """Whether ``values`` holds no NaN or inf (min and max propagate NaN; no copy)."""
+    return values.size == 0 or bool(np.isfinite(values.min()) and np.isfinite(values.max()))
+
+
+def _checked_evaluation(evaluate: Any) -> Any:
+    """``evaluate``, unless it is neither ``None`` nor callable (:class:`ConfigurationError`)."""
+    if evaluate is not None and not callable(evaluate):
+        raise ConfigurationError(f"evaluate must be a callable(arrays) -> score, got {shown_value(evaluate)}")
+    return evaluate
+
+
+def _score(evaluate: Evaluation, arrays: Mapping[str, mx.nd.NDArray]) -> float:
+    """``evaluate(arrays)`` as a float (a one-element NDArray accepted); :class:`ConfigurationError` if not a number."""
+    value = evaluate(arrays)
+    if isinstance(value, mx.nd.NDArray) and value.size == 1:
+        value = value.asscalar()
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
+        raise ConfigurationError(f"evaluate must return a number (the score of the arrays), got {shown_value(value)}")
+    try:
+        return float(value)
+    except OverflowError:  # an integer too large for a float: not finite, as inf
+        return math.inf
+
+
+def needs_evaluation(strategy: Optional[AveragingStrategy]) -> bool:
+    """Whether ``strategy`` selects by evaluating candidate averages (``"greedy"``), through its ``evaluate``."""
+    return strategy is not None and hasattr(strategy, "evaluate")

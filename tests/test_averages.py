@@ -187,7 +187,7 @@ def test_state_dict_is_plain_data_and_resumes_exactly():
         set_everywhere(net.weight, value)
         ema.apply(num_updates=ema.num_applied + 1)
     state = ema.state_dict()
-    assert set(state) == {"type", "num_applied", "shadows"}
+    assert set(state) == {"type", "num_applied", "num_steps", "start_step", "shadows"}
     assert all(isinstance(value, np.ndarray) for value in state["shadows"].values())
     restored_state = pickle.loads(pickle.dumps(state))
 
@@ -358,3 +358,159 @@ def test_power_average_refuses_bad_arguments(config, message):
     net.initialize()
     with pytest.raises(ConfigurationError, match=message):
         MovingAverage.from_config({"type": "power", **config}, parameters=net.collect_params().items())
+
+
+# Options every moving average takes -------------------------------------------------
+
+
+def vector_network(values: np.ndarray) -> mx.gluon.nn.Dense:
+    """A network of one weight vector (a Dense(len, in_units=1) without bias), set to ``values``."""
+    net = mx.gluon.nn.Dense(len(values), in_units=1, use_bias=False, prefix="vector_")
+    net.initialize(mx.init.Constant(0.0))
+    net.weight.set_data(mx.nd.array(np.asarray(values).reshape(-1, 1)))
+    return net
+
+
+def visit(average: MovingAverage, net: mx.gluon.Block, values: np.ndarray, with_num_updates: bool = False) -> None:
+    """Step k (1-based) sets the weight to values[k - 1], then applies."""
+    for step, value in enumerate(values, start=1):
+        set_everywhere(net.weight, mx.nd.array(value.reshape(-1, 1)))
+        average.apply(num_updates=step if with_num_updates else None)
+
+
+def shadow(average: MovingAverage) -> np.ndarray:
+    return average.shadows["vector_weight"].asnumpy().reshape(-1).astype(np.float64)
+
+
+TRAJECTORY = np.random.RandomState(3).randn(12, 4)
+
+
+@pytest.mark.parametrize("with_num_updates", [False, True])
+def test_start_step_averages_only_the_steps_after_it_and_follows_before(with_num_updates):
+    net = vector_network(TRAJECTORY[0])
+    average = MovingAverage.from_config({"type": "cumulative", "start_step": 5}, parameters=net.collect_params().items())
+    visit(average, net, TRAJECTORY[:5], with_num_updates)
+    assert_allclose(shadow(average), TRAJECTORY[4], rtol=1e-6)  # not started: the latest weights
+    assert average.num_applied == 0 and not average.started
+    visit_from = TRAJECTORY[5:]
+    for step, value in enumerate(visit_from, start=6):
+        set_everywhere(net.weight, mx.nd.array(value.reshape(-1, 1)))
+        average.apply(num_updates=step if with_num_updates else None)
+    assert_allclose(shadow(average), TRAJECTORY[5:].mean(axis=0), rtol=1e-5, atol=1e-6)
+    assert average.num_applied == 7
+
+
+def test_update_every_averages_every_kth_step_after_the_start():
+    net = vector_network(TRAJECTORY[0])
+    average = MovingAverage.from_config(
+        {"type": "cumulative", "start_step": 1, "update_every": 3}, parameters=net.collect_params().items()
+    )
+    visit(average, net, TRAJECTORY)
+    # steps 4, 7, 10 (1 + 3k) are averaged: rows 3, 6, 9
+    assert_allclose(shadow(average), TRAJECTORY[[3, 6, 9]].mean(axis=0), rtol=1e-5, atol=1e-6)
+    assert average.num_applied == 3 and average.num_steps == 12
+
+
+def test_start_now_starts_after_the_current_step():
+    net = vector_network(TRAJECTORY[0])
+    average = MovingAverage.from_config({"type": "cumulative", "start_step": None}, parameters=net.collect_params().items())
+    visit(average, net, TRAJECTORY[:4])
+    average.start_now()
+    assert average.start_step == 4
+    for value in TRAJECTORY[4:]:
+        set_everywhere(net.weight, mx.nd.array(value.reshape(-1, 1)))
+        average.apply()
+    assert_allclose(shadow(average), TRAJECTORY[4:].mean(axis=0), rtol=1e-5, atol=1e-6)
+    average.start_now()  # started already: nothing changes
+    assert average.start_step == 4
+
+
+@pytest.mark.parametrize("warmup, gamma, power", [("power", 1.0, 0.75), ("power", 4.0, 2 / 3), ("none", 1.0, 0.75)])
+def test_exponential_warmup_schedules_match_the_formula(warmup, gamma, power):
+    net = vector_network(TRAJECTORY[0])
+    average = ExponentialMovingAverage(
+        net.collect_params().items(), decay=0.9, warmup=warmup, warmup_gamma=gamma, warmup_power=power, start_step=2
+    )
+    visit(average, net, TRAJECTORY, with_num_updates=True)
+    expected = TRAJECTORY[1].copy()  # steps 1-2 are followed; step 3 is the first averaged, k = 1
+    for k, value in enumerate(TRAJECTORY[2:], start=1):
+        decay = 0.9 if warmup == "none" else min(0.9, 1 - (1 + k / gamma) ** -power)
+        expected = decay * expected + (1 - decay) * value
+    assert_allclose(shadow(average), expected, rtol=1e-5, atol=1e-6)
+
+
+def batchnorm_network() -> mx.gluon.nn.HybridSequential:
+    net = mx.gluon.nn.HybridSequential(prefix="net_")
+    with net.name_scope():
+        net.add(mx.gluon.nn.Dense(3, in_units=2), mx.gluon.nn.BatchNorm(in_channels=3))
+    net.initialize()
+    return net
+
+
+@pytest.mark.parametrize("non_trainable", ["average", "copy", "exclude"])
+def test_non_trainable_states_are_averaged_copied_or_left_out(non_trainable):
+    net = batchnorm_network()
+    params = dict(net.collect_params().items())
+    running = "net_batchnorm0_running_mean"
+    weight = "net_dense0_weight"
+    assert params[running].grad_req == "null"
+    average = MovingAverage.from_config(
+        {"type": "cumulative", "non_trainable": non_trainable}, parameters=net.collect_params().items()
+    )
+    for value in (1.0, 2.0, 6.0):
+        set_everywhere(params[running], value)
+        set_everywhere(params[weight], value)
+        average.apply()
+    assert_allclose(average.shadows[weight].asnumpy(), 3.0, rtol=1e-6)  # weights are always averaged
+    if non_trainable == "exclude":
+        assert running not in average.shadows
+        assert all(parameter.grad_req != "null" for _, parameter in average.parameters)
+    else:
+        assert_allclose(average.shadows[running].asnumpy(), 3.0 if non_trainable == "average" else 6.0, rtol=1e-6)
+    set_everywhere(params[running], 100.0)
+    with average.average_parameters():
+        expected_running = {"average": 3.0, "copy": 6.0, "exclude": 100.0}[non_trainable]
+        assert_allclose(params[running].data().asnumpy(), expected_running, rtol=1e-6)
+
+
+def test_include_and_exclude_patterns_choose_the_averaged_parameters():
+    net = batchnorm_network()
+    pairs = list(net.collect_params().items())
+    average = MovingAverage.from_config({"type": "cumulative", "include": ["*dense*"], "exclude": "*bias"}, parameters=pairs)
+    assert sorted(average.shadows) == ["net_dense0_weight"]
+    everything_but_batchnorm = MovingAverage.from_config({"exclude": ["net_batchnorm0_*"]}, parameters=pairs)
+    assert sorted(everything_but_batchnorm.shadows) == ["net_dense0_bias", "net_dense0_weight"]
+
+
+@pytest.mark.parametrize(
+    "config, message",
+    [
+        ({"exclude": ["*batchnrom*"]}, r"exclude pattern '\*batchnrom\*' matches no parameter; the names are like 'net_dense0_weight'"),
+        ({"include": ["*dense*"], "exclude": ["*dense*"]}, r"leave no parameter to average"),
+        ({"include": [3]}, r"include must be a list of name patterns such as \['\*weight'\], got \[3\]"),
+        ({"start_step": -1}, r"start_step must be an integer >= 0, got -1"),
+        ({"update_every": 0}, r"update_every must be an integer >= 1, got 0"),
+        ({"non_trainable": "skip"}, r"non_trainable must be one of \['average', 'copy', 'exclude'\], got 'skip'"),
+        ({"warmup": "linear"}, r"warmup must be one of \['ratio', 'power', 'none'\], got 'linear'"),
+        ({"warmup_power": 0}, r"warmup_power must be a finite number > 0.0, got 0"),
+        ({"start_stpe": 3}, r"unknown key 'start_stpe'.*did you mean 'start_step'"),
+    ],
+)
+def test_bad_shared_options_name_the_culprit(config, message):
+    with pytest.raises(ConfigurationError, match=message):
+        MovingAverage.from_config(config, parameters=batchnorm_network().collect_params().items())
+
+
+def test_state_round_trip_keeps_the_schedule():
+    net = vector_network(TRAJECTORY[0])
+    first = MovingAverage.from_config({"type": "cumulative", "start_step": None}, parameters=net.collect_params().items())
+    visit(first, net, TRAJECTORY[:3])
+    first.start_now()
+    visit(first, net, TRAJECTORY[3:6])
+    second = MovingAverage.from_config({"type": "cumulative", "start_step": None}, parameters=net.collect_params().items())
+    second.load_state_dict(pickle.loads(pickle.dumps(first.state_dict())))
+    assert (second.start_step, second.num_steps, second.num_applied) == (3, 6, 3)
+    for value in TRAJECTORY[6:]:
+        set_everywhere(net.weight, mx.nd.array(value.reshape(-1, 1)))
+        second.apply()
+    assert_allclose(shadow(second), TRAJECTORY[3:].mean(axis=0), rtol=1e-5, atol=1e-6)

@@ -436,3 +436,92 @@ def test_power_average_callback_ends_with_the_closed_form_profile():
     weights = [(k ** (gamma + 1) - (k - 1) ** (gamma + 1)) / t ** (gamma + 1) for k in range(1, t + 1)]
     expected = {name: sum(w * step[name] for w, step in zip(weights, steps)) for name in steps[0]}
     assert_weights_close(read_weights(probe.network), expected)
+
+
+# Options of issue 7: triggers, name filters, greedy soups ------------------------------
+
+
+def test_alpha_suffix_trigger_starts_the_average_at_an_epoch_end():
+    """alpha = 0.5 of 4 epochs: the trigger fires at the end of epoch 2 (after step 6); steps 7-12 are averaged."""
+    callback = AveragingCallback.from_config(
+        {"type": "moving_average", "average": {"type": "cumulative"}, "trigger": {"type": "alpha_suffix", "alpha": 0.5}}
+    )
+    probe = train(callback, with_validation=True)
+    assert callback.moving_average.start_step == 6
+    assert_weights_close(probe.during_validation[0], probe.raw_after_step[3])  # not started: the latest weights
+    assert_weights_close(read_weights(probe.network), mean_of(probe.raw_after_step[7:13]))
+
+
+def test_include_pattern_averages_the_weights_and_leaves_the_biases_raw(tmp_path):
+    callback = AveragingCallback.from_config(
+        {"type": "moving_average", "average": {"type": "cumulative", "include": ["*weight"]}, "checkpoint_dir": str(tmp_path)}
+    )
+    probe = train(callback, with_validation=False, epochs=2)
+    final, averaged, raw = read_weights(probe.network), mean_of(probe.raw_after_step[1:7]), probe.raw_after_step[6]
+    for name in final:
+        assert_allclose(final[name], (averaged if name.endswith("weight") else raw)[name], rtol=1e-5, atol=1e-6, err_msg=name)
+    saved = mx.nd.load(str(tmp_path / "epoch-0001.params"))  # a complete checkpoint: raw biases included
+    assert {probe.network.prefix + name for name in saved} == set(final)
+
+
+def test_greedy_soup_evaluates_candidates_on_the_validation_data(tmp_path):
+    from modavg_plugin import GreedySoup
+
+    strategy = GreedySoup(num_models=4)
+    callback = CheckpointAveragingCallback(avg_strategy=strategy, checkpoint_dir=str(tmp_path))
+    probe = train(callback, epochs=4)
+    assert strategy.evaluate is None  # the callback's evaluation was lent for the end of training only
+    trials = strategy.trials
+    epochs = [int(os.path.basename(trial["path"])[6:10]) for trial in trials]
+    assert epochs == list(np.argsort(probe.scores, kind="stable"))
+    # The best epoch alone, evaluated on the validation data, scores what the trainer's validation measured.
+    assert trials[0]["score"] == pytest.approx(probe.scores[epochs[0]], rel=1e-5)
+    kept = [epoch for epoch, trial in zip(epochs, trials) if trial["kept"]]
+    assert_weights_close(read_weights(probe.network), mean_of([probe.raw_at_epoch_end[epoch] for epoch in kept]))
+
+
+def test_greedy_soup_without_validation_data_keeps_the_best_checkpoint(caplog):
+    from modavg_plugin import GreedySoup
+
+    callback = CheckpointAveragingCallback(avg_strategy=GreedySoup(num_models=3))
+    with caplog.at_level(logging.WARNING, logger="gluonts.modavg_plugin"):
+        probe = train(callback, with_validation=False, epochs=3)
+    assert "needs validation data" in caplog.text
+    best = int(np.argmin(probe.scores))
+    assert_weights_close(read_weights(probe.network), probe.raw_at_epoch_end[best])
+
+
+def test_modavg_posthoc_rebuilds_a_tracked_power_average_from_a_real_runs_snapshots(tmp_path):
+    """A real run keeps snapshots of sigma_rel 0.05 and 0.10 each epoch and tracks 0.08 directly.
+
+    The rebuilt 0.08 average is sum_i x_i snapshot_i = sum_k r_k theta_k with r = sum_i x_i w_i, the
+    least-squares fit of the target profile w (exact discrete profiles), so it differs from the
+    tracked one by sum_k (r_k - w_k) theta_k: at most residual_L1 * max_k |theta_k| element-wise
+    (plus float32 rounding). Both the bound and the exact float64 value are checked.
+    """
+    from modavg_plugin.cli import main
+    from modavg_plugin.posthoc import plan_posthoc, power_profile
+
+    callback = AveragingCallback.from_config(
+        {
+            "type": "moving_average",
+            "average": {"type": "power", "sigma_rel": 0.08},
+            "checkpoint_dir": str(tmp_path),
+            "posthoc": {"sigma_rels": [0.05, 0.10], "every_epochs": 1},
+        }
+    )
+    probe = train(callback, with_validation=False, epochs=8, batches=10)
+    output = tmp_path / "rebuilt.params"
+    assert main(["posthoc", str(tmp_path / "posthoc"), "--sigma-rel", "0.08", "-o", str(output)]) == 0
+    plan = plan_posthoc(str(tmp_path / "posthoc"), sigma_rel=0.08)
+    assert plan.step == 80 and len(plan.snapshots) == 16
+    rebuilt = {probe.network.prefix + name: value.asnumpy() for name, value in mx.nd.load(str(output)).items()}
+    tracked = read_weights(probe.network)  # the network ends with the directly tracked 0.08 average
+    steps = probe.raw_after_step[1:]
+    profile = sum(x * power_profile(record["gamma"], record["step"], np.arange(1, 81)) for x, record in zip(plan.coefficients, plan.snapshots))
+    assert plan.residual < 0.05
+    for name in tracked:
+        exact = sum(r * step[name] for r, step in zip(profile, steps))
+        assert_allclose(rebuilt[name], exact, rtol=1e-4, atol=1e-5, err_msg=name)
+        largest = max(np.abs(step[name]).max() for step in steps)
+        assert np.abs(rebuilt[name] - tracked[name]).max() <= plan.residual * largest + 1e-5, name

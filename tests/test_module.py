@@ -85,6 +85,19 @@ class RawWeights:
         self.arg_params = {name: value.asnumpy() for name, value in arg_params.items()}
 
 
+def record_saved_checkpoints(averaging: ModuleAveraging) -> dict:
+    """epoch_no -> (arrays as NumPy, metrics) of every checkpoint the adapter saves, filled as it saves."""
+    saved = {}
+    original_save = averaging._checkpoints.save
+
+    def remember(file_stem, epoch_no, metrics, arrays):
+        saved[epoch_no] = ({k: v.asnumpy() for k, v in arrays.items()}, dict(metrics))
+        return original_save(file_stem, epoch_no, metrics, arrays)
+
+    averaging._checkpoints.save = remember
+    return saved
+
+
 def seed_everything() -> None:
     mx.random.seed(7)
     np.random.seed(7)
@@ -149,14 +162,7 @@ def test_checkpoints_are_module_checkpoints_and_the_end_is_the_strategy_average(
     prefix = str(tmp_path / "out" / "model")
     strategy = {"type": "mean", "num_models": 2, "metric": "accuracy", "maximize": True}
     averaging = ModuleAveraging(module, {"type": "exponential", "decay": DECAY}, strategy, checkpoint_prefix=prefix)
-    saved = {}
-    original_save = averaging._checkpoints.save
-
-    def remember(file_stem, epoch_no, metrics, arrays):
-        saved[epoch_no] = ({k: v.asnumpy() for k, v in arrays.items()}, dict(metrics))
-        return original_save(file_stem, epoch_no, metrics, arrays)
-
-    averaging._checkpoints.save = remember
+    saved = record_saved_checkpoints(averaging)
     averaging.fit(data_iterator(0), eval_data=data_iterator(1), **fit_arguments())
 
     assert sorted(saved) == [1, 2, 3]
@@ -340,3 +346,90 @@ def test_cumulative_average_under_module_fit_is_the_mean_of_every_update():
     for name, value in {**{f"arg:{n}": v for n, v in arg_params.items()}, **{f"aux:{n}": v for n, v in aux_params.items()}}.items():
         expected = np.mean([values[name].astype(np.float64) for values in after_each_update], axis=0)
         assert_allclose(value.asnumpy(), expected, rtol=1e-5, atol=1e-6, err_msg=name)
+
+
+# Options of issue 7 under Module.fit -----------------------------------------------------
+
+
+def fit_recording(averaging: ModuleAveraging, module: mx.mod.Module, **overrides) -> list:
+    """Fit with ``averaging``; the executor values after each update, recorded before the adapter's callback."""
+    after_each_update = []
+    arguments = {**fit_arguments(), **overrides}
+    averaging.fit(
+        data_iterator(0),
+        eval_data=data_iterator(1),
+        batch_end_callback=lambda params: after_each_update.append(executor_values(module)),
+        **arguments,
+    )
+    return after_each_update
+
+
+def module_values(module: mx.mod.Module) -> dict:
+    arg_params, aux_params = module.get_params()
+    return {**{f"arg:{n}": v.asnumpy() for n, v in arg_params.items()}, **{f"aux:{n}": v.asnumpy() for n, v in aux_params.items()}}
+
+
+def test_alpha_suffix_trigger_under_module_fit_averages_the_last_epochs():
+    """alpha = 1/3 of 3 epochs: started at the end of epoch 2 (after update 12); updates 13-18 averaged."""
+    seed_everything()
+    module = new_module([mx.cpu(0)])
+    averaging = ModuleAveraging(module, {"type": "cumulative"}, trigger={"type": "alpha_suffix", "alpha": 1 / 3})
+    after_each_update = fit_recording(averaging, module)
+    assert averaging.moving_average.start_step == 12
+    for name, value in module_values(module).items():
+        expected = np.mean([values[name].astype(np.float64) for values in after_each_update[12:]], axis=0)
+        assert_allclose(value, expected, rtol=1e-5, atol=1e-6, err_msg=name)
+
+
+def test_non_trainable_copy_under_module_fit_keeps_the_latest_running_statistics():
+    seed_everything()
+    module = new_module([mx.cpu(0)])
+    averaging = ModuleAveraging(module, {"type": "cumulative", "non_trainable": "copy", "exclude": ["arg:fc2_*"]})
+    after_each_update = fit_recording(averaging, module)
+    final = module_values(module)
+    for name, value in final.items():
+        if name.startswith("aux:") or name.startswith("arg:fc2_"):
+            expected = after_each_update[-1][name]
+        else:
+            expected = np.mean([values[name].astype(np.float64) for values in after_each_update], axis=0)
+        assert_allclose(value, expected, rtol=1e-5, atol=1e-6, err_msg=name)
+
+
+def test_greedy_soup_under_module_fit_scores_candidates_with_module_score(tmp_path):
+    seed_everything()
+    module = new_module([mx.cpu(0)])
+    strategy = {"type": "greedy", "num_models": 3, "metric": "accuracy", "maximize": True}
+    averaging = ModuleAveraging(module, None, strategy, checkpoint_prefix=str(tmp_path / "model"))
+    saved = record_saved_checkpoints(averaging)
+    averaging.fit(data_iterator(0), eval_data=data_iterator(1), **fit_arguments())
+    trials = averaging.avg_strategy.trials
+    epochs = [int(os.path.basename(trial["path"])[6:10]) for trial in trials]
+    assert epochs == sorted(saved, key=lambda epoch: (-saved[epoch][1]["accuracy"], epoch))
+    # the best epoch alone, scored again with Module.score on eval_data, has the accuracy fit measured
+    assert trials[0]["score"] == pytest.approx(saved[epochs[0]][1]["accuracy"], abs=1e-9)
+    kept = [epoch for epoch, trial in zip(epochs, trials) if trial["kept"]]
+    for name, value in module_values(module).items():
+        expected = np.mean([saved[epoch][0][name] for epoch in kept], axis=0)
+        assert_allclose(value, expected, rtol=1e-6, atol=1e-7, err_msg=name)
+    assert averaging.avg_strategy.evaluate is None
+
+
+def test_posthoc_snapshots_under_module_fit_are_the_power_averages_of_the_updates(tmp_path):
+    from modavg_plugin.posthoc import read_posthoc_snapshots
+
+    seed_everything()
+    module = new_module([mx.cpu(0)])
+    averaging = ModuleAveraging(
+        module, "exponential", checkpoint_prefix=str(tmp_path / "model"), posthoc={"sigma_rels": [0.1], "every_epochs": 2}
+    )
+    after_each_update = fit_recording(averaging, module)
+    records = read_posthoc_snapshots(str(tmp_path / "posthoc"))
+    assert sorted(record["step"] for record in records) == [12, 18]  # epoch 2, and the end of training
+    gamma = records[0]["gamma"]
+    for record in records:
+        t = record["step"]
+        weights = [(k ** (gamma + 1) - (k - 1) ** (gamma + 1)) / t ** (gamma + 1) for k in range(1, t + 1)]
+        saved = mx.nd.load(record["params_path"])
+        for name in ("arg:fc1_weight", "aux:bn1_moving_mean"):
+            expected = sum(w * values[name].astype(np.float64) for w, values in zip(weights, after_each_update))
+            assert_allclose(saved[name].asnumpy(), expected, rtol=1e-4, atol=1e-5, err_msg=name)

@@ -65,11 +65,18 @@ def expected_default(parameter: inspect.Parameter) -> str:
 def assert_every_argument_is_listed(cls: type, section: str) -> None:
     rows = argument_rows(section)
     parameters = [p for name, p in inspect.signature(cls.__init__).parameters.items() if name != "self"]
-    assert list(rows) == [parameter.name for parameter in parameters], cls
+    assert list(rows) == [listed_name(parameter) for parameter in parameters], cls
     for parameter in parameters:
-        _, annotation, default, description = rows[parameter.name]
+        _, annotation, default, description = rows[listed_name(parameter)]
+        if parameter.kind is inspect.Parameter.VAR_KEYWORD:  # the options passed on to the family's constructor
+            assert default == "`{}`" and "MovingAverage" in description, (cls, parameter.name)
+            continue
         assert default == expected_default(parameter), (cls, parameter.name)
         assert annotation.startswith("`") and description, (cls, parameter.name)
+
+
+def listed_name(parameter: inspect.Parameter) -> str:
+    return ("**" if parameter.kind is inspect.Parameter.VAR_KEYWORD else "") + parameter.name
 
 
 # The README ----------------------------------------------------------------------

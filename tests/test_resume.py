@@ -281,3 +281,58 @@ def test_plain_loop_resumes_from_state_dict_exactly(tmp_path):
         step = epoch(net, trainer, ema, number, step)
     for name, shadow in ema.shadows.items():
         assert_allclose(shadow.asnumpy(), expected[name], rtol=1e-6, atol=1e-7, err_msg=name)
+
+
+def test_resumed_run_continues_the_trigger_and_the_posthoc_snapshots(tmp_path):
+    """NTA with n = 1 on SCORES fires at the end of epoch 4 (3.0 > min(5.0, 1.0)), after the stop at 3:
+    only a trigger that remembers the epochs before the stop starts there. Then steps 13-18 are averaged."""
+
+    def make(folder, resume=False):
+        return AveragingCallback.from_config(
+            {
+                "type": "moving_average",
+                "average": {"type": "cumulative"},
+                "trigger": {"type": "nta", "n": 1},
+                "checkpoint_dir": str(folder),
+                "posthoc": {"sigma_rels": [0.1], "every_epochs": 2},
+                "resume": resume,
+            }
+        )
+
+    def run(callback, net, epochs, first_step, max_epochs):
+        callback.on_train_start(max_epochs=max_epochs)
+        if first_step == 0:
+            raw_weights_at(0, net)
+        callback.on_network_initializing_end(training_network=net)
+        run_epochs(callback, net, epochs, first_step=first_step)
+
+    whole_net = network()
+    whole = make(tmp_path / "whole")
+    run(whole, whole_net, range(6), 0, 6)
+    whole.on_train_end(training_network=whole_net)
+
+    first, net = make(tmp_path / "split"), network()
+    run(first, net, range(3), 0, 6)
+    del first, net  # killed
+    resumed, fresh = make(tmp_path / "split", resume=True), network()
+    run(resumed, fresh, range(3, 6), 3 * STEPS_PER_EPOCH, 3)
+    resumed.on_train_end(training_network=fresh)
+
+    assert whole.moving_average.start_step == resumed.moving_average.start_step == 4 * STEPS_PER_EPOCH
+    reference = network()
+    at_step = []
+    for step in range(13, 19):
+        raw_weights_at(step, reference)
+        at_step.append(read_weights(reference))
+    for name, value in read_weights(fresh).items():
+        assert_allclose(value, np.mean([weights[name] for weights in at_step], axis=0), rtol=1e-5, atol=1e-6, err_msg=name)
+        assert_allclose(value, read_weights(whole_net)[name], rtol=1e-6, atol=1e-7, err_msg=name)
+    snapshots = sorted(os.listdir(tmp_path / "whole" / "posthoc"))
+    assert snapshots == sorted(os.listdir(tmp_path / "split" / "posthoc"))
+    assert [name for name in snapshots if name.endswith(".params")] == [f"posthoc-{s:08d}-0.params" for s in (6, 12, 18)]
+    for name in snapshots:
+        if name.endswith(".params"):
+            whole_values = mx.nd.load(str(tmp_path / "whole" / "posthoc" / name))
+            split_values = mx.nd.load(str(tmp_path / "split" / "posthoc" / name))
+            for key, value in whole_values.items():
+                assert_allclose(split_values[key].asnumpy(), value.asnumpy(), rtol=1e-6, atol=1e-7, err_msg=f"{name} {key}")

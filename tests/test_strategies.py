@@ -1,6 +1,8 @@
+import copy
 import logging
 import math
 import os
+import pickle
 
 import mxnet as mx
 import numpy as np
@@ -12,11 +14,14 @@ from modavg_plugin import (
     AveragingStrategy,
     CheckpointError,
     ConfigurationError,
+    GreedySoup,
     SelectNBestMean,
     SelectNBestSoftmax,
     save_epoch_info,
 )
+from modavg_plugin import strategies
 from modavg_plugin.checkpoints import load_params
+from modavg_plugin.cli import main
 
 
 def write_checkpoint(folder, epoch_no: int, score, arrays: dict) -> str:
@@ -262,3 +267,203 @@ def test_apply_refuses_params_outside_the_folder_unless_allowed(tmp_path, caplog
     assert_allclose(averaged["w"].asnumpy(), [3.0])
     records_read = SelectNBestMean.get_checkpoint_information(str(run), allow_outside_folder=True)
     assert [record["params_path"] for record in records_read] == [str(run / "epoch-0000.params"), outside]
+
+
+# greedy soup
+#
+# Five one-value checkpoints, tried in the order of their recorded scores (best
+# first), with evaluate(arrays) = (w - 2)**2, a loss whose minimum is at w = 2:
+#
+#   tried  epoch  recorded  w  mean with it                evaluation                 soup after
+#   1      1      0.1       0  0                           (0 - 2)**2 = 4             {0}, score 4
+#   2      3      0.2       6  (0 + 6) / 2 = 3             1 < 4: kept                {0, 6}, score 1
+#   3      2      0.3       9  (0 + 6 + 9) / 3 = 5         (5 - 2)**2 = 9: rejected   {0, 6}, score 1
+#   4      4      0.4       0  (0 + 6 + 0) / 3 = 2         0 < 1: kept                {0, 6, 0}, score 0
+#   5      0      0.5       2  (0 + 6 + 0 + 2) / 4 = 2     0, not < 0: rejected       {0, 6, 0}, score 0
+#
+# The soup: epochs 1, 3 and 4, weights 1/3 each, mean w = 2.
+
+SOUP_CHECKPOINTS = [(0, 0.5, 2.0), (1, 0.1, 0.0), (2, 0.3, 9.0), (3, 0.2, 6.0), (4, 0.4, 0.0)]  # epoch, score, w
+SOUP_EVALUATED_MEANS = [0.0, 3.0, 5.0, 2.0, 2.0]
+SOUP_SCORES = [4.0, 1.0, 9.0, 0.0, 0.0]
+SOUP_KEPT = [True, True, False, True, False]
+
+
+def write_soup_folder(folder, recorded=lambda score: score, dtype=np.float32) -> dict:
+    """The five checkpoints above, by epoch; ``steps`` (int32) holds the epoch number."""
+    paths = {}
+    for epoch, score, w in SOUP_CHECKPOINTS:
+        arrays = {"w": np.array([w], dtype=dtype), "steps": np.array([epoch], dtype=np.int32)}
+        paths[epoch] = write_checkpoint(folder, epoch, recorded(score), arrays)
+    return paths
+
+
+class DistanceToTarget:
+    """``evaluate(arrays) = sign * (w - target)**2``, recording every ``arrays`` it is given (as NumPy)."""
+
+    def __init__(self, sign: float = 1.0, target: float = 2.0) -> None:
+        self.sign, self.target = sign, target
+        self.calls = []
+
+    def __call__(self, arrays) -> float:
+        self.calls.append({name: array.asnumpy() for name, array in arrays.items()})
+        return self.sign * (float(arrays["w"].asscalar()) - self.target) ** 2
+
+
+def soup_order(paths: dict) -> list:
+    return [paths[epoch] for epoch in (1, 3, 2, 4, 0)]
+
+
+def select_from_folder(strategy, folder):
+    return strategy.select_checkpoints(strategy.get_checkpoint_information(str(folder)))
+
+
+def test_greedy_keeps_a_candidate_only_when_the_mean_with_it_evaluates_better(tmp_path, caplog):
+    paths = write_soup_folder(tmp_path)
+    evaluation = DistanceToTarget()
+    strategy = GreedySoup(evaluate=evaluation)
+    with caplog.at_level(logging.INFO, logger="gluonts.modavg_plugin.strategies"):
+        selected, weights = select_from_folder(strategy, tmp_path)
+    assert selected == [paths[1], paths[3], paths[4]] and weights == [1 / 3] * 3
+    assert [call["w"][0] for call in evaluation.calls] == SOUP_EVALUATED_MEANS  # all exact in binary
+    assert [trial["path"] for trial in strategy.trials] == soup_order(paths)
+    assert [trial["kept"] for trial in strategy.trials] == SOUP_KEPT
+    assert [trial["score"] for trial in strategy.trials] == SOUP_SCORES
+    assert [record.getMessage() for record in caplog.records if record.levelno == logging.INFO] == [
+        f"greedy soup: {paths[1]} starts the soup, scoring 4",
+        f"greedy soup: kept {paths[3]}: the mean of 2 checkpoints scores 1, better than 4",
+        f"greedy soup: rejected {paths[2]}: the mean of 3 checkpoints would score 9, not better than 1",
+        f"greedy soup: kept {paths[4]}: the mean of 3 checkpoints scores 0, better than 1",
+        f"greedy soup: rejected {paths[0]}: the mean of 4 checkpoints would score 0, not better than 0",
+    ]
+
+
+def test_greedy_maximize_ranks_and_compares_high_values_first(tmp_path):
+    """Recorded 1 - score (epoch 1 highest) and evaluate = -(w - 2)**2: the same trials, scores negated."""
+    paths = write_soup_folder(tmp_path, recorded=lambda score: 1 - score)
+    strategy = GreedySoup(maximize=True, evaluate=DistanceToTarget(sign=-1.0))
+    assert select_from_folder(strategy, tmp_path) == ([paths[1], paths[3], paths[4]], [1 / 3] * 3)
+    assert [trial["path"] for trial in strategy.trials] == soup_order(paths)
+    assert [trial["score"] for trial in strategy.trials] == [-score for score in SOUP_SCORES]
+
+
+def test_greedy_num_models_is_the_number_of_candidates_tried(tmp_path):
+    paths = write_soup_folder(tmp_path)
+    evaluation = DistanceToTarget()
+    strategy = GreedySoup(num_models=2, evaluate=evaluation)
+    assert select_from_folder(strategy, tmp_path) == ([paths[1], paths[3]], [0.5, 0.5])  # rows 1 and 2 only
+    assert [call["w"][0] for call in evaluation.calls] == [0.0, 3.0]
+    assert len(strategy.trials) == 2
+
+
+@pytest.mark.parametrize("bad_score", [math.nan, math.inf, -math.inf])
+def test_greedy_rejects_a_candidate_whose_evaluation_is_not_finite(tmp_path, bad_score):
+    """w: 0 (score 4), then 12 (mean 6: evaluates to bad_score, rejected), then 4 (mean 2: 0 < 4, kept)."""
+    first = write_checkpoint(tmp_path, 0, 0.1, {"w": [0.0]})
+    write_checkpoint(tmp_path, 1, 0.2, {"w": [12.0]})
+    third = write_checkpoint(tmp_path, 2, 0.3, {"w": [4.0]})
+
+    def evaluate(arrays):
+        w = arrays["w"].asscalar()
+        return bad_score if w > 5 else (w - 2) ** 2
+
+    strategy = GreedySoup(evaluate=evaluate)
+    assert select_from_folder(strategy, tmp_path) == ([first, third], [0.5, 0.5])
+    assert [trial["kept"] for trial in strategy.trials] == [True, False, True]
+
+
+def test_greedy_any_finite_evaluation_beats_a_non_finite_start(tmp_path):
+    """The best alone (w = 0) evaluates to NaN; the mean with w = 4 (2) to 0: kept."""
+    first = write_checkpoint(tmp_path, 0, 0.1, {"w": [0.0]})
+    second = write_checkpoint(tmp_path, 1, 0.2, {"w": [4.0]})
+    strategy = GreedySoup(evaluate=lambda arrays: math.nan if arrays["w"].asscalar() == 0 else 0.0)
+    assert select_from_folder(strategy, tmp_path) == ([first, second], [0.5, 0.5])
+
+
+def test_greedy_skips_a_candidate_file_holding_nan_without_evaluating_it(tmp_path, caplog):
+    """The best recorded checkpoint diverged: the soup starts with w = 1 (score 1), then 3 (mean 2: 0, kept)."""
+    diverged = write_checkpoint(tmp_path, 0, 0.1, {"w": [np.nan]})
+    second = write_checkpoint(tmp_path, 1, 0.2, {"w": [1.0]})
+    third = write_checkpoint(tmp_path, 2, 0.3, {"w": [3.0]})
+    evaluation = DistanceToTarget()
+    strategy = GreedySoup(evaluate=evaluation)
+    with caplog.at_level(logging.WARNING, logger="gluonts.modavg_plugin"):
+        assert select_from_folder(strategy, tmp_path) == ([second, third], [0.5, 0.5])
+    assert [call["w"][0] for call in evaluation.calls] == [1.0, 2.0]
+    assert strategy.trials[0] == {"path": diverged, "score": None, "kept": False}
+    assert f"skipping checkpoint file {diverged}: it holds NaN or infinite values" in caplog.text
+
+
+def test_greedy_evaluates_the_means_with_the_files_names_and_dtypes(tmp_path):
+    """float16 weights stay float16; the integer ``steps`` is the best checkpoint's (epoch 1) in every mean."""
+    write_soup_folder(tmp_path, dtype=np.float16)
+    evaluation = DistanceToTarget()
+    select_from_folder(GreedySoup(evaluate=evaluation), tmp_path)
+    assert [call["w"][0] for call in evaluation.calls] == SOUP_EVALUATED_MEANS  # exact in float16 too
+    for call in evaluation.calls:
+        assert set(call) == {"w", "steps"} and call["w"].dtype == np.float16 and call["steps"].dtype == np.int32
+        assert_array_equal(call["steps"], [1])
+
+
+def test_greedy_apply_writes_the_soup_mean_without_reading_the_files_again(tmp_path, monkeypatch):
+    paths = write_soup_folder(tmp_path)
+    rereads = []
+    monkeypatch.setattr(strategies, "average_checkpoint_files", lambda *arguments: rereads.append(arguments))
+    strategy = GreedySoup(evaluate=DistanceToTarget())
+    averaged = load_params(strategy.apply(str(tmp_path)))
+    assert_allclose(averaged["w"].asnumpy(), [2.0])  # (0 + 6 + 0) / 3
+    assert_array_equal(averaged["steps"].asnumpy(), [1])
+    assert rereads == []
+    monkeypatch.undo()  # the mean is handed out once; any other selection is read from the files
+    assert_allclose(strategy.average([paths[0], paths[2]], [0.5, 0.5])["w"].asnumpy(), [5.5])  # (2 + 9) / 2
+
+
+def test_greedy_without_evaluate_says_what_to_do():
+    with pytest.raises(ConfigurationError, match='the "greedy" strategy needs an evaluation: pass evaluate=callable'):
+        GreedySoup().select_checkpoints(records([1.0]))
+
+
+def test_modavg_average_with_greedy_exits_1_saying_it_cannot_evaluate(tmp_path, capsys):
+    write_soup_folder(tmp_path)
+    assert main(["average", str(tmp_path), "--strategy", "greedy"]) == 1
+    error = capsys.readouterr().err
+    assert error.startswith('modavg: error: the "greedy" strategy needs an evaluation: pass evaluate=')
+    assert "`modavg average` and callbacks without validation data cannot evaluate" in error
+    assert not (tmp_path / "averaged_model-0000.params").exists()
+
+
+def test_greedy_refuses_an_evaluate_that_is_not_a_callable_or_does_not_return_a_number(tmp_path):
+    with pytest.raises(ConfigurationError, match=r"evaluate must be a callable\(arrays\) -> score, got 3 \(int\)"):
+        GreedySoup(evaluate=3)
+    write_checkpoint(tmp_path, 0, 1.0, {"w": [1.0]})
+    with pytest.raises(ConfigurationError, match=r"evaluate must return a number .*, got 'low' \(str\)"):
+        select_from_folder(GreedySoup(evaluate=lambda arrays: "low"), tmp_path)
+
+
+def test_greedy_mismatched_shapes_are_named(tmp_path):
+    write_checkpoint(tmp_path, 0, 1.0, {"w": [1.0]})
+    write_checkpoint(tmp_path, 1, 2.0, {"w": [1.0, 2.0]})
+    with pytest.raises(CheckpointError, match=r"parameter 'w' has shape \(2,\) in .*epoch-0001.params but \(1,\)"):
+        select_from_folder(GreedySoup(evaluate=DistanceToTarget()), tmp_path)
+
+
+def test_greedy_config_round_trip_leaves_evaluate_out(tmp_path):
+    from gluonts.core import serde
+
+    strategy = AveragingStrategy.from_config({"type": "greedy", "num_models": 3})
+    assert isinstance(strategy, GreedySoup) and strategy.num_models == 3 and strategy.evaluate is None
+    strategy.evaluate = lambda arrays: 0.0  # a lambda cannot be pickled
+    write_soup_folder(tmp_path)
+    select_from_folder(strategy, tmp_path)  # trials and the soup's mean are held too
+    assert strategy == GreedySoup(num_models=3) and hash(strategy) == hash(GreedySoup(num_models=3))
+    assert repr(strategy) == "GreedySoup(num_models=3, metric='score', maximize=False)"
+    rebuilt_copies = [serde.decode(serde.encode(strategy)), pickle.loads(pickle.dumps(strategy)), copy.deepcopy(strategy)]
+    for rebuilt in rebuilt_copies:
+        assert type(rebuilt) is GreedySoup and rebuilt == strategy
+        assert rebuilt.evaluate is None and rebuilt.trials == []
+    assert strategy.evaluate is not None and len(strategy.trials) == 3
+
+
+def test_greedy_from_config_takes_evaluate_as_an_extra():
+    evaluate = DistanceToTarget()
+    assert AveragingStrategy.from_config("greedy", evaluate=evaluate).evaluate is evaluate

@@ -28,6 +28,7 @@ import mxnet as mx
 
 from modavg_plugin import AveragingStrategy, MovingAverage, Registrable
 from modavg_plugin.module import ModuleAveraging
+from modavg_plugin.triggers import AveragingTrigger
 
 with warnings.catch_warnings():  # GluonTS's advice to install a faster JSON library, on import
     warnings.filterwarnings("ignore", message="Using `json`-module", category=UserWarning)
@@ -43,7 +44,7 @@ __all__ = [
     "parameter_descriptions",
 ]
 
-FAMILIES: Tuple[type, ...] = (MovingAverage, AveragingStrategy, AveragingCallback)
+FAMILIES: Tuple[type, ...] = (MovingAverage, AveragingStrategy, AveragingTrigger, AveragingCallback)
 SECTION_UNDERLINE = re.compile(r"^-{3,}$")
 CROSS_REFERENCE = re.compile(r":(?P<role>\w+):`~?(?:[\w.]*\.)?(?P<name>\w+)`")
 SEE_OTHER_CLASS = re.compile(r"^As in :class:`~?(?P<target>[\w.]+)`\.?$")
@@ -187,18 +188,26 @@ def constructor_arguments(cls: type, documented_in: Sequence[type]) -> List[Argu
     signature = inspect.signature(cls.__init__)
     hints = typing.get_type_hints(cls.__init__)
     parameters = [parameter for name, parameter in signature.parameters.items() if name != "self"]
+    parameters = [parameter for parameter in parameters if parameter.kind is not inspect.Parameter.VAR_POSITIONAL]
     unknown = sorted(set(parameter_descriptions(cls.__dict__.get("__doc__"))) - {p.name for p in parameters})
     if unknown:
         raise DocumentationError(f"{cls.__name__}'s docstring describes {unknown[0]!r}, which __init__ does not take")
     return [
         Argument(
-            name=parameter.name,
-            annotation=render_annotation(hints.get(parameter.name, parameter.annotation)),
-            default=None if parameter.default is inspect.Parameter.empty else _render_value(parameter.default),
+            name=("**" if parameter.kind is inspect.Parameter.VAR_KEYWORD else "") + parameter.name,
+            annotation="" if parameter.kind is inspect.Parameter.VAR_KEYWORD else render_annotation(hints.get(parameter.name, parameter.annotation)),
+            default=_default_of(parameter),
             description=_argument_description(cls, parameter.name, documented_in),
         )
         for parameter in parameters
     ]
+
+
+def _default_of(parameter: inspect.Parameter) -> Optional[str]:
+    """The default as code; ``None`` when the argument is required; ``{}`` for ``**options``."""
+    if parameter.kind is inspect.Parameter.VAR_KEYWORD:
+        return "{}"
+    return None if parameter.default is inspect.Parameter.empty else _render_value(parameter.default)
 
 
 def _argument_description(cls: type, name: str, documented_in: Sequence[type]) -> str:
@@ -247,12 +256,23 @@ def family_section(family: type) -> str:
     listed = ", ".join(_name_label(family, name) for name in names)
     usage = f'`{family.__name__}.from_config({{"type": NAME, ...}})`, NAME one of: {listed}.'
     parts = [f"### `{family.__name__}`", usage]
+    if constructor_takes_options(family):
+        heading = f"#### Options of every `{family.__name__}`"
+        parts.append(class_section(heading, family, [family]))
     for name in names:
         implementation = family.by_name(name)
         heading = f"#### {_name_label(family, name)}: `{implementation.__name__}`"
         documented_in = [cls for cls in implementation.__mro__ if issubclass(cls, family)]
         parts.append(class_section(heading, implementation, documented_in))
     return "\n\n".join(parts)
+
+
+def constructor_takes_options(family: type) -> bool:
+    """Whether the family's own constructor has keyword-only options its implementations pass on (``**options``)."""
+    init = vars(family).get("__init__")
+    return init is not None and any(
+        parameter.kind is inspect.Parameter.KEYWORD_ONLY for parameter in inspect.signature(init).parameters.values()
+    )
 
 
 def _name_label(family: type, name: str) -> str:
