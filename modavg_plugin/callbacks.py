@@ -601,7 +601,10 @@ class ExponentialAveragingCallback(MovingAverageCallback):
     ``"moving_average"`` callback with an ``"exponential"`` average, with the
     EMA's arguments at the top level: after the k-th step the decay is
     ``min(decay, (numerator + k) / (denominator + k))``. The other arguments
-    are those of :class:`MovingAverageCallback`.
+    are those of :class:`MovingAverageCallback`; for a trigger, post-hoc
+    snapshots or the options every moving average takes (``start_step``,
+    ``include``, ``warmup``...), use ``"moving_average"`` with
+    ``average={"type": "exponential", ...}``.
 
     Parameters
     ----------

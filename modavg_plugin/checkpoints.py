@@ -38,9 +38,11 @@ __all__ = [
     "TEMPORARY_PREFIX",
     "CheckpointError",
     "WeightedSum",
+    "all_finite",
     "average_arrays",
     "average_checkpoint_files",
     "check_weights",
+    "is_finite_file",
     "list_folder_files",
     "load_params",
     "normalised_weights",
@@ -591,7 +593,7 @@ class WeightedSum:
 
     def all_finite(self) -> bool:
         """Whether every floating-point sum is finite (NaN or inf in a source with weight > 0 shows here)."""
-        return all(_all_finite(flat) for flat in self._flats.values())
+        return all(all_finite(flat) for flat in self._flats.values())
 
     def average(self, context: Optional[mx.Context] = None) -> Dict[str, mx.nd.NDArray]:
         """The weighted mean as NDArrays in each array's original dtype (on ``context``, default CPU).
@@ -619,7 +621,7 @@ class WeightedSum:
         return averaged
 
 
-def _all_finite(flat: np.ndarray) -> bool:
+def all_finite(flat: np.ndarray) -> bool:
     """Whether ``flat`` holds no NaN or inf: its min and max (which propagate NaN) are finite; no copy."""
     return flat.size == 0 or bool(np.isfinite(flat.min()) and np.isfinite(flat.max()))
 
@@ -659,7 +661,7 @@ def average_checkpoint_files(
     if total.all_finite():
         return total.average()
     del total  # one model size at a time while looking for the culprits
-    non_finite = [path for path in used if not _is_finite_file(path)]
+    non_finite = [path for path in used if not is_finite_file(path)]
     for path in non_finite:
         logger.warning("skipping checkpoint file %s: it holds NaN or infinite values", path)
     kept = [(path, weight) for path, weight in zip(paths, weights) if path in used and path not in non_finite]
@@ -694,7 +696,7 @@ def _stream_sum(
     return total, used
 
 
-def _is_finite_file(path: str) -> bool:
+def is_finite_file(path: str) -> bool:
     """Whether every floating-point value of the ``.params`` file ``path`` is finite."""
     single = WeightedSum()
     _add_checkpoint(single, ParamsFileReader(), path, 1.0)

@@ -39,6 +39,7 @@ import numpy as np
 
 from .averages import MAX_SIGMA_REL, PowerMovingAverage, sigma_rel_to_gamma
 from .checkpoints import (
+    is_finite_file,
     CheckpointError,
     WeightedSum,
     is_inside_folder,
@@ -52,7 +53,7 @@ from .checkpoints import (
     save_params,
     shown_value,
 )
-from .parameters import ParameterLike, is_floating
+from .parameters import ParameterLike
 from .params_files import ParamsFileReader, ParamsFormatError
 from .registry import ConfigurationError
 
@@ -629,15 +630,9 @@ def _add_snapshot(total: WeightedSum, reader: ParamsFileReader, path: str, coeff
 
 
 def _non_finite_message(paths: Sequence[str]) -> str:
-    culprits = [path for path in paths if not _is_finite_file(path)]
+    culprits = [path for path in paths if not is_finite_file(path)]
     shown = list_some(culprits, ", ", ", ") if culprits else "none alone (the sum overflowed)"
     return f"the post-hoc EMA is not finite: NaN or infinite values in {shown}"
-
-
-def _is_finite_file(path: str) -> bool:
-    return all(
-        bool(np.isfinite(array.asnumpy()).all()) for array in load_params(path).values() if is_floating(array.dtype)
-    )
 
 
 def check_output_path(output: str, plan: PosthocPlan) -> None:

@@ -29,6 +29,7 @@ import mxnet as mx
 import numpy as np
 
 from .checkpoints import (
+    all_finite,
     AVERAGED_MODEL_NAME,
     CheckpointError,
     average_arrays,
@@ -493,15 +494,10 @@ def _read_candidate(path: str) -> Optional[Dict[str, mx.nd.NDArray]]:
     except CheckpointError as error:
         logger.warning("skipping %s", error)
         return None
-    if not all(_all_finite(host_array(array)) for array in arrays.values() if is_floating(array.dtype)):
+    if not all(all_finite(host_array(array)) for array in arrays.values() if is_floating(array.dtype)):
         logger.warning("skipping checkpoint file %s: it holds NaN or infinite values", path)
         return None
     return arrays
-
-
-def _all_finite(values: np.ndarray) -> bool:
-    """Whether ``values`` holds no NaN or inf (min and max propagate NaN; no copy)."""
-    return values.size == 0 or bool(np.isfinite(values.min()) and np.isfinite(values.max()))
 
 
 def _checked_evaluation(evaluate: Any) -> Any:
