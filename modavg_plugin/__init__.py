@@ -11,7 +11,7 @@ import importlib
 from typing import Any
 
 from .averages import CumulativeMovingAverage, ExponentialMovingAverage, MovingAverage, PowerMovingAverage
-from .checkpoints import CheckpointError, save_epoch_info
+from .checkpoints import CheckpointError, load_weights, save_epoch_info
 from .posthoc import PostHocSnapshots, reconstruct_posthoc, save_posthoc
 from .registry import ConfigurationError, Registrable
 from .strategies import AveragingStrategy, GreedySoup, SelectNBestMean, SelectNBestSoftmax
@@ -41,6 +41,7 @@ __all__ = [
     "Registrable",
     "SelectNBestMean",
     "SelectNBestSoftmax",
+    "load_weights",
     "reconstruct_posthoc",
     "save_epoch_info",
     "save_posthoc",

@@ -24,7 +24,7 @@ from .checkpoint_log import CheckpointLog
 from .checkpoints import arrays_named, read_state_file, save_state_file
 from .parameters import NamedParameters, as_context, device_copies, named_parameters, write_into_parameters
 from .registry import ConfigurationError, Registrable, constructor_parameters
-from .posthoc import PostHocSnapshots, posthoc_options, posthoc_state, posthoc_state_parts
+from .posthoc import PostHocSnapshots, check_no_earlier_snapshots, posthoc_options, posthoc_state, posthoc_state_parts
 from .strategies import AveragingStrategy, needs_evaluation
 from .triggers import trigger_from_config
 
@@ -514,6 +514,8 @@ class MovingAverageCallback(AveragingCallback):
             config["start_step"] = None  # the trigger starts it
         self.moving_average = MovingAverage.from_config(config, parameters=self._parameters)
         if self._posthoc_options is not None:
+            if not (self.resume and os.path.isfile(self._state_path())):
+                check_no_earlier_snapshots(self._posthoc_options["folder"])
             self.posthoc_snapshots = PostHocSnapshots(
                 self._parameters, self._posthoc_options["folder"], self._posthoc_options["sigma_rels"], self.shadow_context
             )

@@ -27,7 +27,7 @@ from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Seque
 import mxnet as mx
 import numpy as np
 
-from .parameters import averaging_dtype, is_floating
+from .parameters import averaging_dtype, is_floating, write_into_parameters
 from .params_files import ParamsFile, ParamsFileReader, ParamsFormatError, open_regular_file
 from .update_kernels import SCRATCH_VALUES, ZeroCopyView, blend_in_place, single_threaded_blas
 
@@ -45,6 +45,7 @@ __all__ = [
     "is_finite_file",
     "list_folder_files",
     "load_params",
+    "load_weights",
     "normalised_weights",
     "read_array_names",
     "read_checkpoint_records",
@@ -210,6 +211,43 @@ def load_params(path: str) -> Dict[str, mx.nd.NDArray]:
         if reason is not None:
             raise CheckpointError(f"checkpoint file {path} is not a readable .params file (array {name!r}: {reason})")
     return loaded
+
+
+def load_weights(network: mx.gluon.Block, source: Union[str, Mapping[str, mx.nd.NDArray]]) -> None:
+    """Write a checkpoint this library saved (a ``.params`` path, or arrays by name) into ``network``, in place.
+
+    Use it to put an averaged or rebuilt checkpoint into a network or a
+    GluonTS predictor's ``prediction_net``. The files name parameters
+    relative to the training network (``dense0_weight``), while a network's
+    own names carry a prefix: Gluon's per-process one, or, in a GluonTS
+    predictor, the training network's, whose parameters it shares (so
+    ``load_parameters`` refuses them). Each parameter is matched with the
+    longest array name its own name ends with, and the prefix left over must
+    be the same for every parameter. Values are copied into every device
+    copy (never ``set_data``), after every name and shape is checked.
+
+    Raises
+    ------
+    CheckpointError
+        A parameter has no array, an array matches no parameter, or the
+        prefixes left over differ (naming the parameter or array).
+    """
+    arrays = load_params(os.fspath(source)) if isinstance(source, (str, os.PathLike)) else dict(source)
+    label = str(source) if isinstance(source, (str, os.PathLike)) else "the arrays given"
+    parameters = list(network.collect_params().items())
+    saved_name_of: Dict[str, str] = {}
+    for full_name, _ in parameters:
+        endings = [name for name in arrays if full_name.endswith(name)]
+        if not endings:
+            raise CheckpointError(f"{label} has no array for parameter {full_name!r} (array names are like {sorted(arrays)[:3]})")
+        saved_name_of[full_name] = max(endings, key=len)
+    prefixes = {full_name[: len(full_name) - len(name)] for full_name, name in saved_name_of.items()}
+    unused = sorted(set(arrays) - set(saved_name_of.values()))
+    if unused:
+        raise CheckpointError(f"{label}: array {unused[0]!r} matches no parameter of the network")
+    if len(prefixes) > 1:
+        raise CheckpointError(f"{label}: the network's parameter names do not share one prefix before the saved names: {sorted(prefixes)}")
+    write_into_parameters({full_name: arrays[name] for full_name, name in saved_name_of.items()}, parameters, label)
 
 
 def _sparse_index_problem(array: mx.nd.NDArray) -> Optional[str]:

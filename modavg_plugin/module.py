@@ -30,7 +30,7 @@ from .checkpoint_log import CheckpointLog
 from .checkpoints import TEMPORARY_PREFIX, arrays_named, read_state_file, save_state_file, write_atomically
 from .parameters import DeviceArrays, NamedParameters
 from .registry import ConfigurationError
-from .posthoc import PostHocSnapshots, posthoc_options, posthoc_state, posthoc_state_parts
+from .posthoc import PostHocSnapshots, check_no_earlier_snapshots, posthoc_options, posthoc_state, posthoc_state_parts
 from .strategies import AveragingStrategy, needs_evaluation
 from .triggers import trigger_from_config
 
@@ -207,6 +207,8 @@ class ModuleAveraging:
         if self._trigger is not None and self._num_epoch is None:
             raise ConfigurationError("a trigger needs fit(..., num_epoch=N): its rules count in epochs")
         resuming = self.resume and os.path.isfile(self._state_path())
+        if self._posthoc_options is not None and not resuming:
+            check_no_earlier_snapshots(self._posthoc_options["folder"])
         if resuming:
             fit_arguments["begin_epoch"] = self._load_state(train_data, fit_arguments)
         try:

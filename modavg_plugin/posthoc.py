@@ -67,6 +67,7 @@ __all__ = [
     "check_output_path",
     "combine_snapshots",
     "plan_posthoc",
+    "check_no_earlier_snapshots",
     "posthoc_coefficients",
     "posthoc_options",
     "posthoc_state",
@@ -678,7 +679,7 @@ def save_posthoc(
     step: Optional[int] = None,
     progress: Optional[Callable[[str], None]] = None,
 ) -> str:
-    """:func:`reconstruct_posthoc`, written atomically to ``output`` (``.params``, for ``load_parameters``).
+    """:func:`reconstruct_posthoc`, written atomically to ``output`` (``.params``; load it with :func:`~modavg_plugin.checkpoints.load_weights`).
 
     Returns
     -------
@@ -737,3 +738,18 @@ def posthoc_state(counters: Mapping[str, Any], arrays: Mapping[str, mx.nd.NDArra
         shadows = {name[len(prefix):]: value for name, value in arrays.items() if name.startswith(prefix)}
         averages[index] = {**average_counters, "shadows": shadows}
     return {"sigma_rels": counters["sigma_rels"], "averages": averages}
+
+
+def check_no_earlier_snapshots(folder: str) -> None:
+    """Refuse to start a run's snapshots where an earlier run left some: a reconstruction would mix both runs.
+
+    Raises
+    ------
+    ConfigurationError
+        ``folder`` holds post-hoc records; the message says what to do.
+    """
+    if os.path.isdir(folder) and any(name.endswith(POSTHOC_INFO_SUFFIX) for name in os.listdir(folder)):
+        raise ConfigurationError(
+            f"post-hoc folder {folder} already holds snapshots of an earlier run, which a reconstruction would mix "
+            "with this run's: give another checkpoint folder, remove them, or resume that run (resume=True)"
+        )

@@ -328,7 +328,8 @@ class GreedySoup(AveragingStrategy):
         As the argument; ``None`` until given.
     trials
         The candidates of the last :meth:`select_checkpoints`, in the order
-        tried, as dicts: ``path``; ``score``, the evaluation of the soup's mean
+        tried, as dicts: ``path``; ``epoch_no`` (from the record, if any);
+        ``score``, the evaluation of the soup's mean
         with the candidate (the first candidate alone), ``None`` for a file
         skipped unread; and ``kept``.
 
@@ -377,10 +378,13 @@ class GreedySoup(AveragingStrategy):
         """
         evaluate = self._evaluation()
         self.trials, self._kept_average = [], None
-        candidates = [str(record["params_path"]) for record in self.candidate_checkpoints(checkpoints)]
+        records = self.candidate_checkpoints(checkpoints)
+        candidates = [str(record["params_path"]) for record in records]
         soup: Optional[_Soup] = None
         for path in candidates:
             soup = self._try_candidate(soup, path, evaluate)
+        for trial, record in zip(self.trials, records):
+            trial["epoch_no"] = record.get("epoch_no")
         if soup is None:
             raise CheckpointError(
                 f"no usable checkpoint among the {len(candidates)} candidates: {list_some(candidates, ', ', ' ')}"

@@ -525,3 +525,32 @@ def test_modavg_posthoc_rebuilds_a_tracked_power_average_from_a_real_runs_snapsh
         assert_allclose(rebuilt[name], exact, rtol=1e-4, atol=1e-5, err_msg=name)
         largest = max(np.abs(step[name]).max() for step in steps)
         assert np.abs(rebuilt[name] - tracked[name]).max() <= plan.residual * largest + 1e-5, name
+
+
+def test_load_weights_puts_a_saved_checkpoint_into_the_trained_predictor(tmp_path):
+    from modavg_plugin import load_weights
+
+    mx.random.seed(7)
+    np.random.seed(7)
+    callback = ExponentialAveragingCallback(decay=0.9, avg_strategy=SelectNBestMean(num_models=2), checkpoint_dir=str(tmp_path))
+    estimator = SimpleFeedForwardEstimator(
+        prediction_length=4, context_length=8, num_hidden_dimensions=[6], batch_size=8,
+        trainer=Trainer(epochs=2, num_batches_per_epoch=2, callbacks=[callback]),
+    )  # fmt: skip
+    predictor = estimator.train(dataset())
+    saved = mx.nd.load(str(tmp_path / "epoch-0000.params"))  # epoch 0's EMA; the predictor holds the mean of two
+    name = next(iter(predictor.prediction_net.collect_params()))
+    before = predictor.prediction_net.collect_params()[name].data().asnumpy()
+    load_weights(predictor.prediction_net, str(tmp_path / "epoch-0000.params"))
+    assert not np.allclose(predictor.prediction_net.collect_params()[name].data().asnumpy(), before)
+    for name, parameter in predictor.prediction_net.collect_params().items():
+        matches = [key for key in saved if name.endswith(key)]
+        assert_allclose(parameter.data().asnumpy(), saved[max(matches, key=len)].asnumpy(), rtol=0, atol=0, err_msg=name)
+
+
+def test_posthoc_snapshots_of_an_earlier_run_in_the_folder_are_refused(tmp_path):
+    settings = {"type": "moving_average", "checkpoint_dir": str(tmp_path), "posthoc": {"every_epochs": 1}}
+    train(AveragingCallback.from_config(settings), with_validation=False, epochs=1, batches=2)
+    assert len(glob.glob(str(tmp_path / "posthoc" / "*.params"))) == 2
+    with pytest.raises(ConfigurationError, match=r"already holds snapshots of an earlier run.*resume=True"):
+        train(AveragingCallback.from_config(settings), with_validation=False, epochs=1, batches=2)

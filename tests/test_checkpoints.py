@@ -378,3 +378,28 @@ def test_files_are_written_with_the_mode_open_would_give(tmp_path):
     path = tmp_path / "x.json"
     write_atomically(str(path), lambda temporary: open(temporary, "w").close())
     assert stat.S_IMODE(os.stat(path).st_mode) == 0o666 & ~umask
+
+
+def test_load_weights_matches_names_saved_relative_to_another_prefix(tmp_path):
+    from modavg_plugin import load_weights
+
+    source = mx.gluon.nn.HybridSequential(prefix="training0_")
+    with source.name_scope():
+        source.add(mx.gluon.nn.Dense(3, in_units=2), mx.gluon.nn.Dense(1, in_units=3))
+    source.initialize(mx.init.Uniform(1.0))
+    path = str(tmp_path / "relative.params")
+    mx.nd.save(path, {name[len("training0_"):]: p.data() for name, p in source.collect_params().items()})
+    target = mx.gluon.nn.HybridSequential(prefix="predictor7_")
+    with target.name_scope():
+        target.add(mx.gluon.nn.Dense(3, in_units=2), mx.gluon.nn.Dense(1, in_units=3))
+    target.initialize(mx.init.Zero(), ctx=[mx.cpu(0), mx.cpu(1)])
+    load_weights(target, path)
+    for (_, expected), (_, parameter) in zip(source.collect_params().items(), target.collect_params().items()):
+        for copy in parameter.list_data():
+            np.testing.assert_array_equal(copy.asnumpy(), expected.data().asnumpy())
+    extra = dict(mx.nd.load(path), dense9_bias=mx.nd.zeros(1))
+    with pytest.raises(CheckpointError, match="array 'dense9_bias' matches no parameter"):
+        load_weights(target, extra)
+    missing = {name: value for name, value in mx.nd.load(path).items() if name != "dense1_bias"}
+    with pytest.raises(CheckpointError, match="has no array for parameter 'predictor7_dense1_bias'"):
+        load_weights(target, missing)

@@ -390,7 +390,7 @@ def test_greedy_skips_a_candidate_file_holding_nan_without_evaluating_it(tmp_pat
     with caplog.at_level(logging.WARNING, logger="gluonts.modavg_plugin"):
         assert select_from_folder(strategy, tmp_path) == ([second, third], [0.5, 0.5])
     assert [call["w"][0] for call in evaluation.calls] == [1.0, 2.0]
-    assert strategy.trials[0] == {"path": diverged, "score": None, "kept": False}
+    assert strategy.trials[0] == {"path": diverged, "epoch_no": 0, "score": None, "kept": False}
     assert f"skipping checkpoint file {diverged}: it holds NaN or infinite values" in caplog.text
 
 
