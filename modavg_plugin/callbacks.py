@@ -24,8 +24,15 @@ from .checkpoint_log import CheckpointLog
 from .checkpoints import arrays_named, read_state_file, save_state_file
 from .parameters import NamedParameters, as_context, device_copies, named_parameters, write_into_parameters
 from .registry import ConfigurationError, Registrable, constructor_parameters
-from .posthoc import PostHocSnapshots, check_no_earlier_snapshots, posthoc_options, posthoc_state, posthoc_state_parts
-from .strategies import AveragingStrategy, needs_evaluation
+from .posthoc import (
+    POSTHOC_STATE_PREFIX,
+    PostHocSnapshots,
+    check_no_earlier_snapshots,
+    posthoc_options,
+    posthoc_state,
+    posthoc_state_parts,
+)
+from .strategies import AveragingStrategy, Evaluation, needs_evaluation
 from .triggers import trigger_from_config
 
 __all__ = ["AveragingCallback", "CheckpointAveragingCallback", "ExponentialAveragingCallback", "MovingAverageCallback"]
@@ -33,7 +40,6 @@ __all__ = ["AveragingCallback", "CheckpointAveragingCallback", "ExponentialAvera
 logger = logging.getLogger("gluonts.modavg_plugin.callbacks")
 
 RECORDED_METRIC = "score"
-POSTHOC_PREFIX = "posthoc:"
 STATE_NAME = "averaging-state.params"
 """The file ``{checkpoint_dir}/averaging-state.params``: what a resumed run continues from."""
 
@@ -323,31 +329,19 @@ class AveragingCallback(Registrable, ModelAveraging):
         def write(averaged: Mapping[str, mx.nd.NDArray]) -> None:
             write_into_parameters(averaged, self._parameters, "the averaged checkpoints")
 
-        if not needs_evaluation(self.avg_strategy) or self.avg_strategy.evaluate is not None:
-            return self._checkpoints.assign_average(write, fallback)
-        self.avg_strategy.evaluate = self.validation_evaluation()
-        try:
-            return self._checkpoints.assign_average(write, fallback)
-        finally:
-            self.avg_strategy.evaluate = None
+        return self._checkpoints.assign_average(write, fallback, self.validation_evaluation)
 
-    def validation_evaluation(self) -> Callable[[Mapping[str, mx.nd.NDArray]], float]:
-        """The evaluation a strategy such as ``"greedy"`` calls: the loss on the last validation epoch's batches.
+    def validation_evaluation(self) -> Optional[Evaluation]:
+        """The evaluation a strategy such as ``"greedy"`` borrows: the loss on the last validation epoch's batches.
 
-        Without validation data there is nothing to evaluate on: a warning,
-        and an evaluation that rates every candidate the same, so the greedy
-        soup keeps the best-ranked checkpoint alone.
+        ``None`` without validation data: nothing to evaluate on.
         """
         batches = list(self._validation.inputs)
         if not batches:
-            logger.warning(
-                "avg_strategy %r needs validation data to evaluate candidates, and the trainer gave none: "
-                "keeping the best-ranked checkpoint alone", self.avg_strategy,
-            )  # fmt: skip
-            return lambda arrays: 0.0
+            return None
+        kept = {name: device_copies(name, parameter)[0].copy() for name, parameter in self._parameters}
 
         def evaluate(arrays: Mapping[str, mx.nd.NDArray]) -> float:
-            kept = {name: device_copies(name, parameter)[0].copy() for name, parameter in self._parameters}
             write_into_parameters(arrays, self._parameters, "a candidate average")
             try:
                 return mean_loss(self._network, batches)
@@ -495,17 +489,17 @@ class MovingAverageCallback(AveragingCallback):
     def state_arrays(self) -> Mapping[str, mx.nd.NDArray]:
         arrays = dict(self.moving_average.shadows)
         if self.posthoc_snapshots is not None:
-            arrays.update({POSTHOC_PREFIX + name: value for name, value in posthoc_state_parts(self.posthoc_snapshots)[1].items()})
+            arrays.update({POSTHOC_STATE_PREFIX + name: value for name, value in posthoc_state_parts(self.posthoc_snapshots)[1].items()})
         return arrays
 
     def load_state_arrays(self, arrays: Mapping[str, mx.nd.NDArray], state: Mapping[str, Any]) -> None:
-        averages = {name: value for name, value in arrays.items() if not name.startswith(POSTHOC_PREFIX)}
+        averages = {name: value for name, value in arrays.items() if not name.startswith(POSTHOC_STATE_PREFIX)}
         self.moving_average.load_state_dict({**state, "shadows": averages})
         self.num_updates = int(state["num_updates"])
         if self._trigger is not None:
             self._trigger.load_state_dict(state.get("trigger", {}))
         if self.posthoc_snapshots is not None and "posthoc" in state:
-            self.posthoc_snapshots.load_state_dict(posthoc_state(state["posthoc"], arrays_named(arrays, POSTHOC_PREFIX)))
+            self.posthoc_snapshots.load_state_dict(posthoc_state(state["posthoc"], arrays_named(arrays, POSTHOC_STATE_PREFIX)))
 
     def start_averaging(self) -> None:
         """Shadows start from the freshly initialised weights (a resume then loads the saved averages)."""
@@ -560,10 +554,9 @@ class MovingAverageCallback(AveragingCallback):
         """As the base; before, a trigger may start the average; after, post-hoc snapshots may be saved."""
         self.moving_average.restore()
         epochs_done = self.history_entry(epoch_no)["epoch_no"] + 1
-        if self._trigger is not None and self.moving_average.start_step is None:
-            if self._trigger.should_start(epochs_done, float(epoch_loss), self.epochs_before + self.max_epochs):
-                self.moving_average.start_now()
-                logger.info("epoch %d: the %s trigger starts the average after update %d", epochs_done - 1, self.trigger.get("type", "nta"), self.num_updates)
+        max_epochs = self.epochs_before + self.max_epochs
+        if self._trigger is not None and self._trigger.start_if_due(self.moving_average, epochs_done, float(epoch_loss), max_epochs):
+            logger.info("epoch %d: the %s trigger starts the average after update %d", epochs_done - 1, self.trigger.get("type", "nta"), self.num_updates)
         keep_going = super().on_epoch_end(epoch_no, epoch_loss, **kwargs)
         if self.posthoc_snapshots is not None and epochs_done % self._posthoc_options["every_epochs"] == 0:
             self.posthoc_snapshots.save_new()

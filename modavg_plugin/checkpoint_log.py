@@ -16,7 +16,7 @@ from typing import Any, Callable, Dict, List, Mapping, Optional
 import mxnet as mx
 
 from .checkpoints import EPOCH_INFO_SUFFIX, save_epoch_info, save_params
-from .strategies import AveragingStrategy
+from .strategies import AveragingStrategy, Evaluation, needs_evaluation
 
 __all__ = ["CheckpointLog"]
 
@@ -134,22 +134,51 @@ class CheckpointLog:
                 _remove_quietly(path)
             self.records.remove(record)
 
-    def assign_average(self, write: Callable[[Mapping[str, mx.nd.NDArray]], None], fallback: str) -> bool:
+    def assign_average(
+        self,
+        write: Callable[[Mapping[str, mx.nd.NDArray]], None],
+        fallback: str,
+        evaluation: Optional[Callable[[], Optional[Evaluation]]] = None,
+    ) -> bool:
         """Pass the strategy's average of the kept checkpoints to ``write``.
+
+        A strategy that evaluates candidates (``"greedy"``) and has no
+        ``evaluate`` of its own borrows ``evaluation()`` for the call (the
+        adapter's validation data); when that gives ``None`` (no validation
+        data), a warning, and every candidate rates the same, so the soup
+        keeps the best-ranked checkpoint alone.
 
         Returns ``False``, with the reason logged, when that fails; the
         network then keeps ``fallback`` (``write`` was not called, or failed
         before changing anything).
         """
+        lend = needs_evaluation(self.avg_strategy) and self.avg_strategy.evaluate is None
         try:
+            if lend:
+                self.avg_strategy.evaluate = self._borrowed_evaluation(evaluation)
             paths, weights = self.avg_strategy.select_checkpoints(self.records)
             write(self.avg_strategy.average(paths, weights))
         except Exception as error:  # broad on purpose: hours of training must not be lost here
             logger.error("checkpoint averaging failed, the network keeps %s: %s", fallback, error)
             return False
+        finally:
+            if lend:
+                self.avg_strategy.evaluate = None
         summary = ", ".join(f"{os.path.basename(path)}: {weight:.3f}" for path, weight in zip(paths, weights))
         logger.info("the network holds the average of %d checkpoints (%s)", len(paths), summary)
         return True
+
+
+    def _borrowed_evaluation(self, evaluation: Optional[Callable[[], Optional[Evaluation]]]) -> Evaluation:
+        evaluate = evaluation() if evaluation is not None else None
+        if evaluate is None:
+            logger.warning(
+                "avg_strategy %r needs validation data to evaluate candidates (validation data for the GluonTS "
+                "trainer, eval_data for Module.fit), and there is none: keeping the best-ranked checkpoint alone",
+                self.avg_strategy,
+            )
+            return lambda arrays: 0.0
+        return evaluate
 
 
 def _remove_quietly(path: str) -> None:

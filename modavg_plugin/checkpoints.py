@@ -50,6 +50,7 @@ __all__ = [
     "read_array_names",
     "read_checkpoint_records",
     "read_json_object",
+    "reused_file_reason",
     "save_epoch_info",
     "save_json",
     "read_state_file",
@@ -471,10 +472,22 @@ def is_inside_folder(path: str, folder: str) -> bool:
 
 def _check_first_use(record: Mapping[str, Any], params_files: Dict[str, str]) -> None:
     """``_Skipped`` if an earlier record names the same parameter file (it would count twice)."""
-    real_path = os.path.realpath(record["params_path"])
+    reason = reused_file_reason(record["params_path"], os.path.basename(record["info_path"]), params_files)
+    if reason is not None:
+        raise _Skipped(reason)
+
+
+def reused_file_reason(params_path: str, record_name: str, params_files: Dict[str, str]) -> Optional[str]:
+    """Why a record cannot use ``params_path``: an earlier record names the same file (it would count twice).
+
+    ``None`` the first time, and the file is then claimed for ``record_name`` in
+    ``params_files`` (real path -> the record's name, symbolic links followed).
+    """
+    real_path = os.path.realpath(params_path)
     if real_path in params_files:
-        raise _Skipped(f"names the same parameter file as {os.path.basename(params_files[real_path])}")
-    params_files[real_path] = record["info_path"]
+        return f"names the same parameter file as {params_files[real_path]}"
+    params_files[real_path] = record_name
+    return None
 
 
 def check_same_names(names: Iterable[str], source: str, expected: Iterable[str], expected_source: str) -> None:

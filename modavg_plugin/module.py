@@ -30,8 +30,15 @@ from .checkpoint_log import CheckpointLog
 from .checkpoints import TEMPORARY_PREFIX, arrays_named, read_state_file, save_state_file, write_atomically
 from .parameters import DeviceArrays, NamedParameters
 from .registry import ConfigurationError
-from .posthoc import PostHocSnapshots, check_no_earlier_snapshots, posthoc_options, posthoc_state, posthoc_state_parts
-from .strategies import AveragingStrategy, needs_evaluation
+from .posthoc import (
+    POSTHOC_STATE_PREFIX,
+    PostHocSnapshots,
+    check_no_earlier_snapshots,
+    posthoc_options,
+    posthoc_state,
+    posthoc_state_parts,
+)
+from .strategies import AveragingStrategy, Evaluation
 from .triggers import trigger_from_config
 
 __all__ = ["ModuleAveraging", "broadcast_from_rank_zero", "module_arrays"]
@@ -42,7 +49,6 @@ ARG_PREFIX = "arg:"
 AUX_PREFIX = "aux:"
 AUX_STATES = ("average", "copy")
 RECORDED_SCORE = "score"
-POSTHOC_PREFIX = "posthoc:"
 HIGHER_IS_BETTER = ("accuracy", "top_k_accuracy", "f1", "mcc", "pearsonr", "pcc")
 Config = Union[None, str, Mapping[str, Any]]
 
@@ -296,10 +302,9 @@ class ModuleAveraging:
 
     def _consult_trigger(self, epochs_done: int, metrics: Mapping[str, float]) -> None:
         """Start the moving average when the trigger says so (fed ``score``)."""
-        if self._trigger is None or self.moving_average is None or self.moving_average.start_step is not None:
+        if self._trigger is None or self.moving_average is None:
             return
-        if self._trigger.should_start(epochs_done, metrics.get(RECORDED_SCORE, math.nan), int(self._num_epoch)):
-            self.moving_average.start_now()
+        if self._trigger.start_if_due(self.moving_average, epochs_done, metrics.get(RECORDED_SCORE, math.nan), int(self._num_epoch)):
             logger.info("epoch %d: the trigger starts the moving average after update %d", epochs_done, self.num_updates)
 
     def _save_posthoc_snapshots(self) -> None:
@@ -322,7 +327,7 @@ class ModuleAveraging:
             state["trigger"] = self._trigger.state_dict()
         if self.posthoc_snapshots is not None:
             state["posthoc"], posthoc_arrays = posthoc_state_parts(self.posthoc_snapshots)
-            arrays.update({POSTHOC_PREFIX + name: value for name, value in posthoc_arrays.items()})
+            arrays.update({POSTHOC_STATE_PREFIX + name: value for name, value in posthoc_arrays.items()})
         optimizer = getattr(self.module, "_optimizer", None)  # no public accessor
         if optimizer is not None:
             state["optimizer_update_counts"] = _update_counts(optimizer)
@@ -373,7 +378,7 @@ class ModuleAveraging:
         if "num_applied" in state:
             self._resumed_state = {**state, "shadows": arrays_named(arrays, "average:")}
             if "posthoc" in state:
-                self._resumed_state["posthoc"] = posthoc_state(state["posthoc"], arrays_named(arrays, POSTHOC_PREFIX))
+                self._resumed_state["posthoc"] = posthoc_state(state["posthoc"], arrays_named(arrays, POSTHOC_STATE_PREFIX))
         logger.info("resuming after epoch %d from %s", state["epochs_done"], self._state_path())
         return int(state["epochs_done"])
 
@@ -431,31 +436,16 @@ class ModuleAveraging:
         self._save_posthoc_snapshots()
         if self.avg_strategy is not None and self._checkpoints.records:
             fallback = "the moving average" if self.moving_average is not None else "its last raw weights"
-            if self._assign_checkpoint_average(fallback):
+            if self._checkpoints.assign_average(self._set_module_arrays, fallback, self._evaluation):
                 return
         if self.moving_average is not None:
             self._set_module_arrays(self.moving_average.shadows)
             logger.info("the module holds the moving average after %d updates", self.num_updates)
 
-    def _assign_checkpoint_average(self, fallback: str) -> bool:
-        """The strategy's average into the module; a strategy that evaluates (``"greedy"``) scores on ``eval_data``."""
-        if not needs_evaluation(self.avg_strategy) or self.avg_strategy.evaluate is not None:
-            return self._checkpoints.assign_average(self._set_module_arrays, fallback)
-        self.avg_strategy.evaluate = self._evaluation()
-        try:
-            return self._checkpoints.assign_average(self._set_module_arrays, fallback)
-        finally:
-            self.avg_strategy.evaluate = None
-
-    def _evaluation(self) -> Callable[[Mapping[str, mx.nd.NDArray]], float]:
-        """``Module.score`` on ``eval_data`` of candidate weights (the module's weights put back after each).
-
-        Without ``eval_data``: a warning, and an evaluation that rates every
-        candidate the same, so the greedy soup keeps the best checkpoint alone.
-        """
+    def _evaluation(self) -> Optional[Evaluation]:
+        """``Module.score`` on ``eval_data`` of candidate weights (the module's weights put back after each); ``None`` without ``eval_data``."""
         if self._eval_data is None:
-            logger.warning("avg_strategy %r needs eval_data to evaluate candidates: keeping the best checkpoint alone", self.avg_strategy)
-            return lambda arrays: 0.0
+            return None
         kept = {name: value.copy() for name, value in checkpoint_names(*self.module.get_params()).items()}
         metric_name = self.avg_strategy.metric
 

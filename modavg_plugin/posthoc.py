@@ -39,9 +39,9 @@ import numpy as np
 
 from .averages import MAX_SIGMA_REL, PowerMovingAverage, sigma_rel_to_gamma
 from .checkpoints import (
-    is_finite_file,
     CheckpointError,
     WeightedSum,
+    is_finite_file,
     is_inside_folder,
     list_folder_files,
     list_some,
@@ -49,6 +49,7 @@ from .checkpoints import (
     open_params,
     read_array_names,
     read_json_object,
+    reused_file_reason,
     save_json,
     save_params,
     shown_value,
@@ -62,6 +63,7 @@ __all__ = [
     "POSTHOC_DEFAULTS",
     "POSTHOC_FOLDER",
     "POSTHOC_INFO_SUFFIX",
+    "POSTHOC_STATE_PREFIX",
     "PostHocSnapshots",
     "PosthocPlan",
     "check_output_path",
@@ -345,10 +347,9 @@ def _shown_field(record: Mapping[str, Any], key: str) -> str:
 
 def _check_first_use(record: Mapping[str, Any], name: str, params_files: Dict[str, str]) -> None:
     """:class:`CheckpointError` if an earlier record names the same parameter file (it would count twice)."""
-    real_path = os.path.realpath(record["params_path"])
-    if real_path in params_files:
-        raise CheckpointError(f"names the same parameter file as {params_files[real_path]}")
-    params_files[real_path] = name
+    reason = reused_file_reason(record["params_path"], name, params_files)
+    if reason is not None:
+        raise CheckpointError(reason)
 
 
 # The maths ------------------------------------------------------------------------------------
@@ -701,6 +702,8 @@ def save_posthoc(
 POSTHOC_FOLDER = "posthoc"
 """The callbacks' and the Module adapter's snapshots go to ``{checkpoint folder}/posthoc``."""
 POSTHOC_DEFAULTS: Mapping[str, Any] = {"sigma_rels": list(DEFAULT_SIGMA_RELS), "every_epochs": 1}
+POSTHOC_STATE_PREFIX = "posthoc:"
+"""Names of the post-hoc EMAs' arrays in an adapter's resume-state file: ``posthoc:INDEX/NAME``."""
 
 
 def posthoc_options(posthoc: Optional[Mapping[str, Any]], checkpoint_dir: Optional[str]) -> Optional[Dict[str, Any]]:

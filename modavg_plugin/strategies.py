@@ -29,9 +29,9 @@ import mxnet as mx
 import numpy as np
 
 from .checkpoints import (
-    all_finite,
     AVERAGED_MODEL_NAME,
     CheckpointError,
+    all_finite,
     average_arrays,
     average_checkpoint_files,
     check_same_names,

@@ -31,6 +31,17 @@ class AveragingTrigger(Registrable):
         """Whether averaging starts now, after ``epochs_done`` of ``max_epochs`` epochs with this epoch's ``metric``."""
         raise NotImplementedError
 
+    def start_if_due(self, average: Any, epochs_done: int, metric: float, max_epochs: int) -> bool:
+        """Start ``average`` (a :class:`MovingAverage` waiting with ``start_step=None``) when :meth:`should_start` says so.
+
+        Returns whether it started it now; an average already started is left
+        alone and the rule is not consulted (nor its memory extended).
+        """
+        if average.start_step is not None or not self.should_start(epochs_done, metric, max_epochs):
+            return False
+        average.start_now()
+        return True
+
     def state_dict(self) -> Dict[str, Any]:
         """What a resumed run needs (JSON-ready)."""
         return {}
