@@ -100,10 +100,7 @@ def model_megabytes(specification: ParameterSpecification) -> float:
 def random_parameters(specification: ParameterSpecification, seed: int) -> Dict[str, mx.nd.NDArray]:
     """Normally distributed arrays of the given shapes and dtypes, different for each seed."""
     mx.random.seed(seed)
-    return {
-        name: mx.nd.random.normal(shape=shape, dtype=dtype.name)
-        for name, (shape, dtype) in specification.items()
-    }
+    return {name: mx.nd.random.normal(shape=shape, dtype=dtype.name) for name, (shape, dtype) in specification.items()}
 
 
 def write_checkpoints(folder: str, specification: ParameterSpecification, count: int) -> List[str]:
@@ -190,7 +187,7 @@ def prepare_work(method: str, folder: str, count: int) -> Callable[[], Any]:
 
         return lambda: modavg_plugin.SelectNBestMean(num_models=count).apply(folder)
     if method == MODAVG_AVERAGE_METHOD:
-        from modavg_plugin.checkpoints import average_checkpoint_files
+        from modavg_plugin.weighted_sum import average_checkpoint_files
 
         paths = checkpoint_paths(folder, count)
         return lambda: average_checkpoint_files(paths, [1.0 / count] * count)
@@ -302,9 +299,7 @@ def summarise(count: int, measurements: Dict[str, List[Measurement]], megabytes:
     ]
 
 
-def benchmark_count(
-    root: str, specification: ParameterSpecification, count: int, repeats: int
-) -> List[Dict[str, Any]]:
+def benchmark_count(root: str, specification: ParameterSpecification, count: int, repeats: int) -> List[Dict[str, Any]]:
     """Write ``count`` checkpoints into their own folder, measure every method, remove the folder."""
     folder = tempfile.mkdtemp(prefix=f"checkpoints-{count}-", dir=root)
     try:

@@ -51,11 +51,21 @@ def targets(results: Dict[str, Any]) -> List[Dict[str, Any]]:
         ("ResNet-50 per-parameter loop / EMA update", resnet["speedup_vs_loop"], ">=", 6.0),
         ("2,000 tiny tensors: per-parameter loop / EMA update", tiny["speedup_vs_loop"], ">=", 30.0),
         ("DeepAR per-batch overhead, percent", overhead["overhead_percent"], "<=", 3.0),
-        (f"averaging {count} checkpoints (apply): extra peak, model sizes", applied["extra_peak_model_sizes"], "<=", 3.0),
+        (
+            f"averaging {count} checkpoints (apply): extra peak, model sizes",
+            applied["extra_peak_model_sizes"],
+            "<=",
+            3.0,
+        ),
         (f"averaging {count} checkpoints (no write): time / bare read", streamed["time_vs_bare_read"], "<=", 1.5),
     ]
     return [
-        {"target": name, "measured": value, "bound": f"{sign} {bound}", "met": value <= bound if sign == "<=" else value >= bound}
+        {
+            "target": name,
+            "measured": value,
+            "bound": f"{sign} {bound}",
+            "met": value <= bound if sign == "<=" else value >= bound,
+        }
         for name, value, sign, bound in checks
     ]
 
@@ -80,7 +90,9 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     quick = arguments.quick
     results: Dict[str, Any] = {"machine": machine(), "quick": quick}
     # checkpoint averaging first, before the other benchmarks churn gigabytes of memory in this process
-    results["checkpoint_averaging"] = checkpoint_averaging.run(counts=(2,) if quick else (5, 8, 10), repeats=1 if quick else 5)
+    results["checkpoint_averaging"] = checkpoint_averaging.run(
+        counts=(2,) if quick else (5, 8, 10), repeats=1 if quick else 5
+    )
     print(checkpoint_averaging.format_table(results["checkpoint_averaging"]), flush=True)
     data = training_overhead.co2_dataset()
     results["ema_update"] = ema_update.run(training_overhead.training_network(data), repeats=5 if quick else 30)
@@ -91,7 +103,9 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     print(training_overhead.format_table(results["training_overhead"]), flush=True)
     results["targets"] = targets(results)
     for target in results["targets"]:
-        print(f"{'met    ' if target['met'] else 'NOT MET'}  {target['target']}: {target['measured']:.2f} ({target['bound']})")
+        print(
+            f"{'met    ' if target['met'] else 'NOT MET'}  {target['target']}: {target['measured']:.2f} ({target['bound']})"
+        )
     print(apply_note(results))
     with open(arguments.output, "w") as file:
         json.dump(results, file, indent=2)

@@ -53,16 +53,16 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))  # forecasting_demo, also when imported by path
 
-import forecasting_demo as demo  # noqa: E402 (sets the warning filters the GluonTS imports need)
-import mxnet as mx  # noqa: E402
-import numpy as np  # noqa: E402
-from gluonts.dataset.common import ListDataset  # noqa: E402
-from gluonts.dataset.split import TestData, split  # noqa: E402
-from gluonts.env import env  # noqa: E402
-from gluonts.model.predictor import Predictor  # noqa: E402
-from gluonts.mx import SimpleFeedForwardEstimator, Trainer  # noqa: E402
+import forecasting_demo as demo
+import mxnet as mx
+import numpy as np
+from gluonts.dataset.common import ListDataset
+from gluonts.dataset.split import TestData, split
+from gluonts.env import env
+from gluonts.model.predictor import Predictor
+from gluonts.mx import SimpleFeedForwardEstimator, Trainer
 
-import modavg_plugin  # noqa: E402
+import modavg_plugin
 
 DATASET = demo.DATASETS["co2"]
 TRACKED_SIGMA_REL = 0.08
@@ -182,7 +182,9 @@ def run(folder: str, arguments: argparse.Namespace) -> Dict[str, Any]:
     copied = copy.deepcopy(predictor)  # the trained predictor keeps the soup; the copy takes each candidate in turn
 
     def row(
-        weights: str, arrays: Optional[Mapping[str, mx.nd.NDArray]], sigma_rel: Optional[float] = None,
+        weights: str,
+        arrays: Optional[Mapping[str, mx.nd.NDArray]],
+        sigma_rel: Optional[float] = None,
         residual: Optional[float] = None,
     ) -> Dict[str, Any]:
         """Score ``arrays`` in the copy (``None``: the trained predictor as it is) on both regions."""

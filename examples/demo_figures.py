@@ -15,15 +15,18 @@ import matplotlib
 
 matplotlib.use("Agg")
 
-import matplotlib.pyplot as plt  # noqa: E402 (after choosing the backend)
-import pandas as pd  # noqa: E402
+import matplotlib.pyplot as plt
+import pandas as pd
 
 RAW_COLOUR, EMA_COLOUR = "tab:orange", "tab:blue"
 
 
 def draw_figures(results: Dict[str, Any], folder: pathlib.Path) -> List[pathlib.Path]:
     """Write both figures into ``folder``; return their paths."""
-    return [draw_validation_loss(results, folder / "validation_loss.png"), draw_fans(results, folder / "forecast_fan.png")]
+    return [
+        draw_validation_loss(results, folder / "validation_loss.png"),
+        draw_fans(results, folder / "forecast_fan.png"),
+    ]
 
 
 def _runs(results: Dict[str, Any], dataset: str, method: str) -> List[Dict[str, Any]]:
@@ -38,10 +41,20 @@ def draw_validation_loss(results: Dict[str, Any], path: pathlib.Path) -> pathlib
         for index, run in enumerate(_runs(results, dataset, "EMA")):
             epochs = [entry["epoch_no"] + 1 for entry in run["history"]]
             label = index == 0
-            axis.plot(epochs, [e["raw_validation_loss"] for e in run["history"]], color=RAW_COLOUR, alpha=0.8,
-                      label="raw weights" if label else None)
-            axis.plot(epochs, [e["validation_loss"] for e in run["history"]], color=EMA_COLOUR, alpha=0.8,
-                      label="EMA (decay 0.999)" if label else None)
+            axis.plot(
+                epochs,
+                [e["raw_validation_loss"] for e in run["history"]],
+                color=RAW_COLOUR,
+                alpha=0.8,
+                label="raw weights" if label else None,
+            )
+            axis.plot(
+                epochs,
+                [e["validation_loss"] for e in run["history"]],
+                color=EMA_COLOUR,
+                alpha=0.8,
+                label="EMA (decay 0.999)" if label else None,
+            )
         axis.set(title=results["datasets"][dataset]["title"], xlabel="epoch", ylabel="validation loss (NLL)")
         axis.legend()
         axis.grid(alpha=0.3)
@@ -63,10 +76,16 @@ def draw_fans(results: Dict[str, Any], path: pathlib.Path) -> pathlib.Path:
         forecast_time = _times(averaged["forecast_time"])
         quantiles = averaged["quantiles"]
         axis.plot(observed_time, averaged["observed"], color="black", label="observed")
-        axis.fill_between(forecast_time, quantiles["0.1"], quantiles["0.9"], color=EMA_COLOUR, alpha=0.2, label="EMA 10-90%")
-        axis.fill_between(forecast_time, quantiles["0.3"], quantiles["0.7"], color=EMA_COLOUR, alpha=0.4, label="EMA 30-70%")
+        axis.fill_between(
+            forecast_time, quantiles["0.1"], quantiles["0.9"], color=EMA_COLOUR, alpha=0.2, label="EMA 10-90%"
+        )
+        axis.fill_between(
+            forecast_time, quantiles["0.3"], quantiles["0.7"], color=EMA_COLOUR, alpha=0.4, label="EMA 30-70%"
+        )
         axis.plot(forecast_time, quantiles["0.5"], color=EMA_COLOUR, label="EMA median")
-        axis.plot(forecast_time, last["quantiles"]["0.5"], color=RAW_COLOUR, linestyle="--", label="last iterate median")
+        axis.plot(
+            forecast_time, last["quantiles"]["0.5"], color=RAW_COLOUR, linestyle="--", label="last iterate median"
+        )
         series = "" if averaged["item_id"] == dataset else f" {averaged['item_id']}"
         axis.set(title=f"{dataset}{series}: last test window, seed {results['settings']['seeds'][0]}")
         axis.legend(fontsize="small")
@@ -80,4 +99,6 @@ def draw_fans(results: Dict[str, Any], path: pathlib.Path) -> pathlib.Path:
 
 def _times(periods: List[str]) -> pd.DatetimeIndex:
     """Period strings (``2001-12-23/2001-12-29``, ``2009Q3``) as timestamps at each period's start."""
-    return pd.DatetimeIndex([pd.Period(period.split("/")[0] if "/" in period else period).start_time for period in periods])
+    return pd.DatetimeIndex(
+        [pd.Period(period.split("/")[0] if "/" in period else period).start_time for period in periods]
+    )

@@ -68,6 +68,7 @@ import mxnet as mx  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import statsmodels.api as sm  # noqa: E402
+from demo_figures import draw_figures  # noqa: E402 (examples/demo_figures.py, next to this script)
 from gluonts.dataset.common import ListDataset  # noqa: E402
 from gluonts.dataset.split import TestData, split  # noqa: E402
 from gluonts.dataset.util import to_pandas  # noqa: E402
@@ -78,7 +79,6 @@ from gluonts.mx import SimpleFeedForwardEstimator, Trainer  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 import modavg_plugin  # noqa: E402
-from demo_figures import draw_figures  # noqa: E402 (examples/demo_figures.py, next to this script)
 
 QUANTILES = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 METRICS = ("MASE", "sMAPE", "mean_wQuantileLoss")
@@ -198,7 +198,9 @@ def make_splits(name: str) -> Splits:
     _, test_template = split(whole, offset=-region)
     return Splits(
         training=ListDataset(entries(frame, training_end), freq=dataset.frequency),
-        validation=ListDataset([entry for end in validation_ends for entry in entries(frame, end)], freq=dataset.frequency),
+        validation=ListDataset(
+            [entry for end in validation_ends for entry in entries(frame, end)], freq=dataset.frequency
+        ),
         test=test_template.generate_instances(dataset.prediction_length, windows=dataset.windows),
     )
 
@@ -242,7 +244,9 @@ def run_job(job: Job) -> Dict[str, Any]:
         **evaluate(splits.test, forecasts, dataset.frequency),
         "train_seconds": round(train_seconds, 2),
         "history": callbacks[0].history if callbacks else [],
-        "fan": fan_data(splits.test, forecasts, dataset.prediction_length) if job.seed == job.settings.seeds[0] else None,
+        "fan": fan_data(splits.test, forecasts, dataset.prediction_length)
+        if job.seed == job.settings.seeds[0]
+        else None,
     }
 
 
@@ -356,7 +360,9 @@ def machine_description() -> str:
     model = platform.processor() or platform.machine()
     cpuinfo = pathlib.Path("/proc/cpuinfo")
     if cpuinfo.exists():
-        names = [line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines() if line.startswith("model name")]
+        names = [
+            line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines() if line.startswith("model name")
+        ]
         model = names[0] if names else model
     return f"{model}, {os.cpu_count()} cores"
 
@@ -389,7 +395,12 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
             "workers": arguments.workers,
             "wall_seconds": round(time.perf_counter() - started, 1),
         },
-        "settings": {**asdict(settings), "quick": arguments.quick, "estimator": "SimpleFeedForward", "methods": METHODS},
+        "settings": {
+            **asdict(settings),
+            "quick": arguments.quick,
+            "estimator": "SimpleFeedForward",
+            "methods": METHODS,
+        },
         "datasets": {name: asdict(dataset) for name, dataset in DATASETS.items()},
         "summary": summarise(runs),
         "runs": runs,

@@ -71,7 +71,9 @@ def standardised_split(features: pd.DataFrame, target: pd.Series) -> Tuple[Array
 def build_network(input_units: int) -> gluon.nn.HybridSequential:
     """A two-layer perceptron, initialised (no deferred initialisation)."""
     net = gluon.nn.HybridSequential()
-    net.add(gluon.nn.Dense(HIDDEN_UNITS, activation="relu", in_units=input_units), gluon.nn.Dense(1, in_units=HIDDEN_UNITS))
+    net.add(
+        gluon.nn.Dense(HIDDEN_UNITS, activation="relu", in_units=input_units), gluon.nn.Dense(1, in_units=HIDDEN_UNITS)
+    )
     net.initialize(mx.init.Xavier())
     net.hybridize()
     return net

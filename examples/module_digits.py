@@ -46,7 +46,9 @@ def digits_splits() -> Tuple[Split, Split, Split]:
     digits = load_digits()
     features, labels = (digits.data / 16.0).astype(np.float32), digits.target.astype(np.float32)
     rest_x, test_x, rest_y, test_y = train_test_split(features, labels, test_size=400, stratify=labels, random_state=0)
-    train_x, valid_x, train_y, valid_y = train_test_split(rest_x, rest_y, test_size=397, stratify=rest_y, random_state=0)
+    train_x, valid_x, train_y, valid_y = train_test_split(
+        rest_x, rest_y, test_size=397, stratify=rest_y, random_state=0
+    )
     return (train_x, train_y), (valid_x, valid_y), (test_x, test_y)
 
 

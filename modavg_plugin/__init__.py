@@ -1,7 +1,8 @@
 """modavg_plugin: ship an *average* of the weights training visited.
 
 An exponential moving average kept every batch and/or the weighted mean of the
-best epoch checkpoints, for GluonTS's ``Trainer`` (MXNet) and plain Gluon loops.
+best epoch checkpoints, for GluonTS's ``Trainer`` (MXNet), ``Module.fit`` and
+plain Gluon loops, all driving one engine (:class:`AveragingRun`).
 Importing the package registers the built-in moving averages and strategies;
 the GluonTS callbacks (and GluonTS itself) are imported on first use of
 ``AveragingCallback`` and friends, so plain Gluon loops do not pay for GluonTS.
@@ -11,19 +12,29 @@ import importlib
 from typing import Any
 
 from .averages import CumulativeMovingAverage, ExponentialMovingAverage, MovingAverage, PowerMovingAverage
-from .checkpoints import CheckpointError, load_weights, save_epoch_info
-from .posthoc import PostHocSnapshots, reconstruct_posthoc, save_posthoc
+from .checkpoint_log import save_epoch_info
+from .checks import CheckpointError
+from .parameters import load_weights
+from .posthoc import reconstruct_posthoc, save_posthoc
 from .registry import ConfigurationError, Registrable
+from .run import AveragingRun
+from .snapshots import PostHocSnapshots
 from .strategies import AveragingStrategy, GreedySoup, SelectNBestMean, SelectNBestSoftmax
 from .triggers import AlphaSuffixTrigger, AveragingTrigger, NonMonotonicTrigger
 
 __version__ = "0.1.0"
 
-_GLUONTS_NAMES = {"AveragingCallback", "CheckpointAveragingCallback", "ExponentialAveragingCallback", "MovingAverageCallback"}
+_GLUONTS_NAMES = {
+    "AveragingCallback",
+    "CheckpointAveragingCallback",
+    "ExponentialAveragingCallback",
+    "MovingAverageCallback",
+}
 
 __all__ = [
     "AlphaSuffixTrigger",
     "AveragingCallback",
+    "AveragingRun",
     "AveragingStrategy",
     "AveragingTrigger",
     "CheckpointAveragingCallback",

@@ -21,11 +21,13 @@ from typing import Any, Dict, Iterable, Iterator, List, Mapping, Optional, Seque
 import mxnet as mx
 import numpy as np
 
+from .checks import check_choice, check_integer, check_number
 from .parameters import (
     NamedParameters,
     ParameterLike,
     as_context,
     averaging_dtype,
+    check_compatible,
     device_copies,
     is_trainable,
     named_parameters,
@@ -52,7 +54,7 @@ __all__ = [
 NON_TRAINABLE_CHOICES = ("average", "copy", "exclude")
 WARMUP_CHOICES = ("ratio", "power", "none")
 
-logger = logging.getLogger("gluonts.modavg_plugin.averages")
+logger = logging.getLogger(__name__)
 
 
 def exponential_decay(
@@ -65,7 +67,7 @@ def exponential_decay(
     """
     if num_updates is None:
         return decay
-    _check_integer("num_updates", num_updates, 0)
+    check_integer("num_updates", num_updates, 0, ValueError)
     return min(decay, (numerator + num_updates) / (denominator + num_updates))
 
 
@@ -76,7 +78,7 @@ def power_warmup_decay(decay: float, num_updates: int, gamma: float = 1.0, power
     10,000 updates and 0.9999 after about 215,000; ``power = 2/3`` is slower
     (0.999 after about 31,600 updates), for runs of a million steps or more.
     """
-    _check_integer("num_updates", num_updates, 0)
+    check_integer("num_updates", num_updates, 0, ValueError)
     return min(decay, 1.0 - (1.0 + num_updates / gamma) ** -power)
 
 
@@ -102,8 +104,7 @@ def sigma_rel_to_gamma(sigma_rel: float) -> float:
     Karras et al. (2024), eq. 3: ``sigma_rel**2 = (gamma + 1) / ((gamma + 2)**2 (gamma + 3))``, i.e. the
     largest real root of ``gamma**3 + 7 gamma**2 + (16 - t) gamma + (12 - t)`` with ``t = sigma_rel**-2``.
     """
-    if not (isinstance(sigma_rel, (int, float)) and 0.0 < sigma_rel < MAX_SIGMA_REL):
-        raise ConfigurationError(f"sigma_rel must be a number in (0, {MAX_SIGMA_REL:.4f}), got {sigma_rel!r}")
+    sigma_rel = check_number("sigma_rel", sigma_rel, 0.0, MAX_SIGMA_REL, open_low=True, open_high=True)
     t = sigma_rel**-2
     return float(max(root.real for root in np.roots([1.0, 7.0, 16.0 - t, 12.0 - t]) if abs(root.imag) < 1e-9))
 
@@ -119,31 +120,14 @@ def power_decay(gamma: float, count: int) -> float:
 
 
 def _check_count(count: int) -> None:
-    _check_integer("count", count, 1)
-
-
-def _check_integer(name: str, value: Any, low: int, error: type = ValueError) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
-        raise error(f"{name} must be an integer >= {low}, got {value!r}")
-
-
-def _check_unit_interval(name: str, value: float) -> None:
-    if isinstance(value, bool) or not (isinstance(value, (int, float)) and 0.0 <= value <= 1.0):
-        raise ConfigurationError(f"{name} must be a number in [0, 1], got {value!r}")
-
-
-def _check_finite(name: str, value: float, low: float, low_inclusive: bool) -> None:
-    ok = isinstance(value, (int, float)) and math.isfinite(value) and (value >= low if low_inclusive else value > low)
-    if not ok:
-        bound = f">= {low}" if low_inclusive else f"> {low}"
-        raise ConfigurationError(f"{name} must be a finite number {bound}, got {value!r}")
+    check_integer("count", count, 1, ValueError)
 
 
 def check_exponential_arguments(decay: float, numerator: float, denominator: float) -> None:
     """Refuse, naming the argument and its range, values the EMA cannot use."""
-    _check_unit_interval("decay", decay)
-    _check_finite("numerator", numerator, 0.0, low_inclusive=True)
-    _check_finite("denominator", denominator, 0.0, low_inclusive=False)
+    check_number("decay", decay, 0.0, 1.0)
+    check_number("numerator", numerator, 0.0)
+    check_number("denominator", denominator, 0.0, open_low=True)
 
 
 class MovingAverage(Registrable):
@@ -213,9 +197,13 @@ class MovingAverage(Registrable):
         if non_trainable == "exclude":
             selected = [(name, parameter) for name, parameter in selected if is_trainable(parameter)]
             if not selected:
-                raise ConfigurationError("non_trainable='exclude' leaves no parameter to average: every one has grad_req='null'")
+                raise ConfigurationError(
+                    "non_trainable='exclude' leaves no parameter to average: every one has grad_req='null'"
+                )
         self._parameters: NamedParameters = selected
-        followed = [] if non_trainable != "copy" else [name for name, parameter in selected if not is_trainable(parameter)]
+        followed = (
+            [] if non_trainable != "copy" else [name for name, parameter in selected if not is_trainable(parameter)]
+        )
         self._groups, self._group_follows = self._new_update_groups(set(followed))
         by_name = dict(self._parameters)
         self._group_parameters = [[by_name[name] for name in group.names] for group in self._groups]
@@ -241,7 +229,9 @@ class MovingAverage(Registrable):
             key = group_key(first, averaging_dtype(first.dtype)) + (name in followed,)
             members.setdefault(key, []).append((name, first))
         groups = [
-            update_group_for([name for name, _ in pairs], [first for _, first in pairs], averaging_dtype(pairs[0][1].dtype))
+            update_group_for(
+                [name for name, _ in pairs], [first for _, first in pairs], averaging_dtype(pairs[0][1].dtype)
+            )
             for pairs in members.values()
         ]
         return groups, [key[-1] for key in members]
@@ -260,7 +250,7 @@ class MovingAverage(Registrable):
             needs them.
         """
         if num_updates is not None:
-            _check_integer("num_updates", num_updates, 0)
+            check_integer("num_updates", num_updates, 0, ValueError)
         self.num_steps = self.num_steps + 1 if num_updates is None else int(num_updates)
         if self.start_step is None or self.num_steps <= self.start_step:
             self._update_shadows(0.0)  # not started: the shadows follow the weights
@@ -295,7 +285,10 @@ class MovingAverage(Registrable):
             self._groups, self._group_parameters, self._group_copies_values, self._group_follows
         ):
             values = [parameter.list_data()[0] for parameter in parameters]
-            group.update([value.as_in_context(group.context) for value in values] if copies else values, 0.0 if follows else decay)
+            group.update(
+                [value.as_in_context(group.context) for value in values] if copies else values,
+                0.0 if follows else decay,
+            )
 
     @property
     def parameters(self) -> NamedParameters:
@@ -388,14 +381,7 @@ class MovingAverage(Registrable):
         if unknown:
             raise KeyError(f"moving-average state has shadow {unknown[0]!r} for a parameter that is not tracked")
         values = {name: mx.nd.array(np.asarray(_as_numpy(value))) for name, value in shadows.items()}
-        for name, shadow in self._shadows.items():
-            if name not in values:
-                raise KeyError(f"moving-average state has no shadow for parameter {name!r}")
-            if tuple(values[name].shape) != tuple(shadow.shape):
-                raise ValueError(
-                    f"moving-average state: shadow {name!r} has shape {tuple(values[name].shape)}, "
-                    f"the parameter has {tuple(shadow.shape)}"
-                )
+        check_compatible(values, list(self._shadows.items()), "moving-average state")
         for name, shadow in self._shadows.items():
             values[name].copyto(shadow)
         self.num_applied = int(state["num_applied"])
@@ -406,10 +392,9 @@ class MovingAverage(Registrable):
 def check_schedule_arguments(start_step: Optional[int], update_every: int, non_trainable: str) -> None:
     """Refuse, naming the option and its range, the shared options' bad values."""
     if start_step is not None:
-        _check_integer("start_step", start_step, 0, ConfigurationError)
-    _check_integer("update_every", update_every, 1, ConfigurationError)
-    if non_trainable not in NON_TRAINABLE_CHOICES:
-        raise ConfigurationError(f"non_trainable must be one of {list(NON_TRAINABLE_CHOICES)}, got {non_trainable!r}")
+        check_integer("start_step", start_step, 0)
+    check_integer("update_every", update_every, 1)
+    check_choice("non_trainable", non_trainable, NON_TRAINABLE_CHOICES)
 
 
 def _patterns(option: str, patterns: Union[None, str, Sequence[str]]) -> Optional[List[str]]:
@@ -482,10 +467,9 @@ class ExponentialMovingAverage(MovingAverage):
         **options: Any,
     ) -> None:
         check_exponential_arguments(decay, numerator, denominator)
-        if warmup not in WARMUP_CHOICES:
-            raise ConfigurationError(f"warmup must be one of {list(WARMUP_CHOICES)}, got {warmup!r}")
-        _check_finite("warmup_gamma", warmup_gamma, 0.0, low_inclusive=False)
-        _check_finite("warmup_power", warmup_power, 0.0, low_inclusive=False)
+        check_choice("warmup", warmup, WARMUP_CHOICES)
+        check_number("warmup_gamma", warmup_gamma, 0.0, open_low=True)
+        check_number("warmup_power", warmup_power, 0.0, open_low=True)
         super().__init__(parameters, **options)
         self.decay = float(decay)
         self.numerator = float(numerator)
@@ -526,7 +510,7 @@ class CumulativeMovingAverage(MovingAverage):
     """
 
     def __init__(self, parameters: Iterable[Tuple[str, ParameterLike]], eta: float = 0.0, **options: Any) -> None:
-        _check_finite("eta", eta, 0.0, low_inclusive=True)
+        check_number("eta", eta, 0.0)
         super().__init__(parameters, **options)
         self.eta = float(eta)
 
@@ -569,7 +553,7 @@ class PowerMovingAverage(MovingAverage):
             if sigma_rel is None:
                 raise ConfigurationError("give gamma or sigma_rel")
             gamma = sigma_rel_to_gamma(sigma_rel)
-        _check_finite("gamma", gamma, 0.0, low_inclusive=False)
+        check_number("gamma", gamma, 0.0, open_low=True)
         super().__init__(parameters, **options)
         self.gamma = float(gamma)
 

@@ -1,26 +1,26 @@
-"""The per-epoch checkpoints of one training run: save, record, prune, average.
+"""The per-epoch checkpoints of one training run: save, record, prune.
 
-Shared by the GluonTS callbacks and the ``Module.fit`` adapter, which differ
-only in file names (``epoch-NNNN.params`` / ``prefix-NNNN.params``) and in
-the names inside the files (``collect_params()`` names / ``arg:`` and
-``aux:`` names). Files that ``avg_strategy`` can no longer select are deleted
-as training goes; without a strategy only the latest checkpoint is kept.
+Each checkpoint is a ``.params`` file and its epoch-info record
+(``params_path`` relative to the folder, ``epoch_no``, metrics). Files that
+the strategy can no longer select are deleted as training goes; without a
+strategy only the latest checkpoint is kept.
 """
 
 import logging
 import os
 import shutil
 import tempfile
-from typing import Any, Callable, Dict, List, Mapping, Optional
+from typing import Any, Dict, List, Mapping, Optional
 
 import mxnet as mx
 
-from .checkpoints import EPOCH_INFO_SUFFIX, save_epoch_info, save_params
-from .strategies import AveragingStrategy, Evaluation, needs_evaluation
+from .files import remove_quietly, save_json, save_params
+from .folders import EPOCH_INFO_SUFFIX
+from .strategies import AveragingStrategy
 
-__all__ = ["CheckpointLog"]
+__all__ = ["CheckpointLog", "save_epoch_info"]
 
-logger = logging.getLogger("gluonts.modavg_plugin.checkpoint_log")
+logger = logging.getLogger(__name__)
 
 
 class CheckpointLog:
@@ -82,7 +82,7 @@ class CheckpointLog:
             save_params(params_path, arrays)
             save_epoch_info(base, record)
         except OSError as error:  # a full disk, a lost mount: training goes on, earlier files stay
-            _remove_quietly(params_path)
+            remove_quietly(params_path)
             logger.warning(
                 "could not save the checkpoint of epoch %d in %s (%s); training goes on, the %d checkpoint(s) "
                 "saved before are kept and nothing is pruned",
@@ -99,7 +99,11 @@ class CheckpointLog:
     def state(self) -> List[Dict[str, Any]]:
         """The records as plain data with file names relative to the folder (for resuming)."""
         return [
-            {**record, "params_path": os.path.basename(record["params_path"]), "info_path": os.path.basename(record["info_path"])}
+            {
+                **record,
+                "params_path": os.path.basename(record["params_path"]),
+                "info_path": os.path.basename(record["info_path"]),
+            }
             for record in self.records
         ]
 
@@ -114,7 +118,11 @@ class CheckpointLog:
             if os.path.isfile(restored["params_path"]) and os.path.isfile(restored["info_path"]):
                 self.records.append(restored)
             else:
-                logger.warning("resuming without the checkpoint of epoch %s: %s is gone", record.get("epoch_no"), restored["params_path"])
+                logger.warning(
+                    "resuming without the checkpoint of epoch %s: %s is gone",
+                    record.get("epoch_no"),
+                    restored["params_path"],
+                )
 
     def kept_paths(self) -> List[str]:
         """The ``.params`` files still needed: the strategy's selection, or the latest."""
@@ -131,60 +139,19 @@ class CheckpointLog:
         kept = set(self.kept_paths())
         for record in [record for record in self.records if record["params_path"] not in kept]:
             for path in (record["info_path"], record["params_path"]):  # the record first: no record without file
-                _remove_quietly(path)
+                remove_quietly(path)
             self.records.remove(record)
 
-    def assign_average(
-        self,
-        write: Callable[[Mapping[str, mx.nd.NDArray]], None],
-        fallback: str,
-        evaluation: Optional[Callable[[], Optional[Evaluation]]] = None,
-    ) -> bool:
-        """Pass the strategy's average of the kept checkpoints to ``write``.
 
-        A strategy that evaluates candidates (``"greedy"``) and has no
-        ``evaluate`` of its own borrows ``evaluation()`` for the call (the
-        adapter's validation data); when that gives ``None`` (no validation
-        data), a warning, and every candidate rates the same, so the soup
-        keeps the best-ranked checkpoint alone.
+def save_epoch_info(tmp_path: str, epoch_info: Mapping[str, Any]) -> None:
+    """Write ``epoch_info`` to ``f"{tmp_path}-epoch-info.json"`` atomically.
 
-        Returns ``False``, with the reason logged, when that fails; the
-        network then keeps ``fallback`` (``write`` was not called, or failed
-        before changing anything).
-        """
-        lend = needs_evaluation(self.avg_strategy) and self.avg_strategy.evaluate is None
-        try:
-            if lend:
-                self.avg_strategy.evaluate = self._borrowed_evaluation(evaluation)
-            paths, weights = self.avg_strategy.select_checkpoints(self.records)
-            write(self.avg_strategy.average(paths, weights))
-        except Exception as error:  # broad on purpose: hours of training must not be lost here
-            logger.error("checkpoint averaging failed, the network keeps %s: %s", fallback, error)
-            return False
-        finally:
-            if lend:
-                self.avg_strategy.evaluate = None
-        summary = ", ".join(f"{os.path.basename(path)}: {weight:.3f}" for path, weight in zip(paths, weights))
-        logger.info("the network holds the average of %d checkpoints (%s)", len(paths), summary)
-        return True
-
-
-    def _borrowed_evaluation(self, evaluation: Optional[Callable[[], Optional[Evaluation]]]) -> Evaluation:
-        evaluate = evaluation() if evaluation is not None else None
-        if evaluate is None:
-            logger.warning(
-                "avg_strategy %r needs validation data to evaluate candidates (validation data for the GluonTS "
-                "trainer, eval_data for Module.fit), and there is none: keeping the best-ranked checkpoint alone",
-                self.avg_strategy,
-            )
-            return lambda arrays: 0.0
-        return evaluate
-
-
-def _remove_quietly(path: str) -> None:
-    """Remove ``path`` if it exists; a failure is logged, not raised (the file is only left behind)."""
-    try:
-        if os.path.exists(path):
-            os.remove(path)
-    except OSError as error:
-        logger.warning("could not remove %s: %s", path, error)
+    Parameters
+    ----------
+    tmp_path
+        Base path of the checkpoint, e.g. ``folder/epoch-0003``.
+    epoch_info
+        ``params_path`` (absolute, or relative to the folder), ``epoch_no``
+        and the metric values (``score`` by default).
+    """
+    save_json(f"{tmp_path}{EPOCH_INFO_SUFFIX}", dict(epoch_info))

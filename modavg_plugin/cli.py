@@ -44,24 +44,20 @@ from typing import Any, Dict, Iterator, List, NoReturn, Optional, Sequence, Tupl
 from tqdm import tqdm
 
 from .averages import MAX_SIGMA_REL
-from .checkpoints import (
-    AVERAGED_MODEL_NAME,
-    EPOCH_INFO_SUFFIX,
-    CheckpointError,
-    average_checkpoint_files,
-    check_same_names,
-    read_array_names,
-    save_params,
-)
-from .posthoc import POSTHOC_INFO_SUFFIX, PosthocPlan, check_output_path, combine_snapshots, plan_posthoc
+from .checks import CheckpointError
+from .files import save_params
+from .folders import EPOCH_INFO_SUFFIX, POSTHOC_INFO_SUFFIX
+from .params_files import read_array_names
+from .posthoc import PosthocPlan, check_output_path, combine_snapshots, plan_posthoc
 from .registry import ConfigurationError
-from .strategies import AveragingStrategy
+from .strategies import AVERAGED_MODEL_NAME, AveragingStrategy
+from .weighted_sum import average_checkpoint_files, check_same_names
 
 __all__ = ["main"]
 
 PROGRAM = "modavg"
-LIBRARY_LOGGER = "gluonts.modavg_plugin"
-logger = logging.getLogger(f"{LIBRARY_LOGGER}.cli")
+LIBRARY_LOGGER = "modavg_plugin"
+logger = logging.getLogger(__name__)
 
 MODULE_PREFIXES = ("arg:", "aux:")
 MODULE_FORMAT = "Module names (arg:/aux: prefixes)"

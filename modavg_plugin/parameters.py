@@ -7,28 +7,33 @@ parameter already owns instead.
 """
 
 import fnmatch
+import os
 import re
-from typing import Callable, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
 
 import mxnet as mx
 import numpy as np
 
+from .checks import CheckpointError
+from .params_files import load_params
 from .registry import ConfigurationError
 
 __all__ = [
     "DeviceArrays",
-    "as_context",
-    "readable_in_place",
     "NamedParameters",
+    "as_context",
     "averaging_dtype",
     "check_compatible",
     "device_copies",
     "is_floating",
     "is_trainable",
+    "load_weights",
     "named_parameters",
+    "readable_in_place",
     "select_by_name",
     "write_into_parameters",
 ]
+
 
 class DeviceArrays:
     """The device copies of an array that is not a Gluon ``Parameter``, e.g. a Module's executor arrays.
@@ -99,14 +104,18 @@ def select_by_name(
         for pattern in patterns or ():
             if not any(fnmatch.fnmatchcase(name, pattern) for name in names):
                 shown = ", ".join(repr(name) for name in names[:5]) + (", ..." if len(names) > 5 else "")
-                raise ConfigurationError(f"{option} pattern {pattern!r} matches no parameter; the names are like {shown}")
+                raise ConfigurationError(
+                    f"{option} pattern {pattern!r} matches no parameter; the names are like {shown}"
+                )
     selected = [
         (name, parameter)
         for name, parameter in parameters
         if (include is None or _matches(name, include)) and not _matches(name, exclude or ())
     ]
     if not selected:
-        raise ConfigurationError(f"include={list(include or [])} and exclude={list(exclude or [])} leave no parameter to average")
+        raise ConfigurationError(
+            f"include={list(include or [])} and exclude={list(exclude or [])} leave no parameter to average"
+        )
     return selected
 
 
@@ -142,7 +151,9 @@ def as_context(context: Union[None, str, mx.Context]) -> Optional[mx.Context]:
         return context
     match = CONTEXT_PATTERN.match(str(context).strip()) if isinstance(context, str) else None
     if match is None:
-        raise ValueError(f"shadow_context must be an mx.Context or text like 'cpu', 'cpu(0)', 'gpu(1)'; got {context!r}")
+        raise ValueError(
+            f"shadow_context must be an mx.Context or text like 'cpu', 'cpu(0)', 'gpu(1)'; got {context!r}"
+        )
     return mx.Context(match.group(1), int(match.group(2) or 0))
 
 
@@ -187,3 +198,44 @@ def write_into_parameters(values: Mapping[str, mx.nd.NDArray], parameters: Named
     for name, parameter in parameters:
         for copy in device_copies(name, parameter):
             values[name].copyto(copy)
+
+
+def load_weights(network: mx.gluon.Block, source: Union[str, Mapping[str, mx.nd.NDArray]]) -> None:
+    """Write a checkpoint this library saved (a ``.params`` path, or arrays by name) into ``network``, in place.
+
+    Use it to put an averaged or rebuilt checkpoint into a network or a
+    GluonTS predictor's ``prediction_net``. The files name parameters
+    relative to the training network (``dense0_weight``), while a network's
+    own names carry a prefix: Gluon's per-process one, or, in a GluonTS
+    predictor, the training network's, whose parameters it shares (so
+    ``load_parameters`` refuses them). Each parameter is matched with the
+    longest array name its own name ends with, and the prefix left over must
+    be the same for every parameter. Values are copied into every device
+    copy (never ``set_data``), after every name and shape is checked.
+
+    Raises
+    ------
+    CheckpointError
+        A parameter has no array, an array matches no parameter, or the
+        prefixes left over differ (naming the parameter or array).
+    """
+    arrays = load_params(os.fspath(source)) if isinstance(source, (str, os.PathLike)) else dict(source)
+    label = str(source) if isinstance(source, (str, os.PathLike)) else "the arrays given"
+    parameters = list(network.collect_params().items())
+    saved_name_of: Dict[str, str] = {}
+    for full_name, _ in parameters:
+        endings = [name for name in arrays if full_name.endswith(name)]
+        if not endings:
+            raise CheckpointError(
+                f"{label} has no array for parameter {full_name!r} (array names are like {sorted(arrays)[:3]})"
+            )
+        saved_name_of[full_name] = max(endings, key=len)
+    prefixes = {full_name[: len(full_name) - len(name)] for full_name, name in saved_name_of.items()}
+    unused = sorted(set(arrays) - set(saved_name_of.values()))
+    if unused:
+        raise CheckpointError(f"{label}: array {unused[0]!r} matches no parameter of the network")
+    if len(prefixes) > 1:
+        raise CheckpointError(
+            f"{label}: the network's parameter names do not share one prefix before the saved names: {sorted(prefixes)}"
+        )
+    write_into_parameters({full_name: arrays[name] for full_name, name in saved_name_of.items()}, parameters, label)

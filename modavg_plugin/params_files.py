@@ -35,9 +35,22 @@ import stat
 import struct
 from typing import Dict, Iterator, List, NamedTuple, Optional, Tuple
 
+import mxnet as mx
 import numpy as np
 
-__all__ = ["ArrayEntry", "ParamsFile", "ParamsFileReader", "ParamsFormatError", "check_layout"]
+from .checks import CheckpointError
+
+__all__ = [
+    "ArrayEntry",
+    "ParamsFile",
+    "ParamsFileReader",
+    "ParamsFormatError",
+    "check_is_file",
+    "check_layout",
+    "load_params",
+    "open_params",
+    "read_array_names",
+]
 
 CHUNK_BYTES = 1 << 20  # the size of one core's L2 cache here; 4 MiB measured the same
 LIST_MAGIC = 0x112
@@ -369,3 +382,70 @@ class ParamsFileReader:
         except UnsupportedLayout:
             check_layout(path)
             return None
+
+
+def check_is_file(path: str) -> None:
+    """:class:`CheckpointError` naming ``path`` unless it is an existing regular file (a FIFO would block a reader)."""
+    if not os.path.exists(path):
+        raise CheckpointError(f"checkpoint file {path} does not exist")
+    if not os.path.isfile(path):
+        raise CheckpointError(f"checkpoint file {path} is not a regular file")
+
+
+def open_params(reader: ParamsFileReader, path: str) -> Optional[ParamsFile]:
+    """``path`` opened for chunked reading (headers checked), or ``None`` for layouts left to ``mx.nd.load``."""
+    check_is_file(path)
+    try:
+        return reader.open(path)
+    except ParamsFormatError as error:
+        raise CheckpointError(f"checkpoint file {path} is not a readable .params file ({error})") from None
+    except OSError as error:
+        raise CheckpointError(f"checkpoint file {path} cannot be read ({error})") from None
+
+
+def read_array_names(path: str) -> List[str]:
+    """The names of the arrays in a ``.params`` file, from its headers (no values are read)."""
+    params_file = open_params(ParamsFileReader(chunk_bytes=0), path)
+    if params_file is None:
+        return list(load_params(path))
+    with params_file:
+        return list(params_file.entries)
+
+
+def load_params(path: str) -> Dict[str, mx.nd.NDArray]:
+    """Load a ``.params`` file into CPU arrays; :class:`CheckpointError` naming it if unreadable.
+
+    Sparse arrays are checked before anything densifies them: an index out
+    of range would make MXNet write out of bounds (it aborts the process).
+    """
+    check_is_file(path)
+    try:
+        loaded = mx.nd.load(path)
+    except mx.base.MXNetError as error:
+        reason = str(error).strip().splitlines()[-1] if str(error).strip() else type(error).__name__
+        raise CheckpointError(f"checkpoint file {path} is not a readable .params file ({reason})") from None
+    if not isinstance(loaded, dict):
+        raise CheckpointError(f"checkpoint file {path} holds unnamed arrays; expected name -> array")
+    for name, array in loaded.items():
+        reason = _sparse_index_problem(array)
+        if reason is not None:
+            raise CheckpointError(f"checkpoint file {path} is not a readable .params file (array {name!r}: {reason})")
+    return loaded
+
+
+def _sparse_index_problem(array: mx.nd.NDArray) -> Optional[str]:
+    """Why the index arrays of a sparse ``array`` are unsafe to use, or ``None`` (also for dense arrays)."""
+    if array.stype == "row_sparse":
+        rows = array.indices.asnumpy()
+        if array.data.shape != (len(rows),) + tuple(array.shape[1:]):
+            return f"row_sparse values of shape {array.data.shape} for {len(rows)} rows of shape {array.shape}"
+        if len(rows) and (rows[0] < 0 or rows[-1] >= array.shape[0] or np.any(np.diff(rows) <= 0)):
+            return f"row indices not increasing within [0, {array.shape[0]})"
+    elif array.stype == "csr":
+        pointers, columns = array.indptr.asnumpy(), array.indices.asnumpy()
+        consistent = len(pointers) == array.shape[0] + 1 and pointers[0] == 0 and pointers[-1] == len(columns)
+        if not consistent or np.any(np.diff(pointers) < 0) or array.data.shape != (len(columns),):
+            return "csr indptr inconsistent with its indices"
+        if len(columns) and (columns.min() < 0 or columns.max() >= array.shape[1]):
+            return f"csr column indices outside [0, {array.shape[1]})"
+    return None

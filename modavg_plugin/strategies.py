@@ -28,22 +28,13 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 import mxnet as mx
 import numpy as np
 
-from .checkpoints import (
-    AVERAGED_MODEL_NAME,
-    CheckpointError,
-    all_finite,
-    average_arrays,
-    average_checkpoint_files,
-    check_same_names,
-    host_array,
-    list_some,
-    load_params,
-    read_checkpoint_records,
-    save_params,
-    shown_value,
-)
-from .parameters import averaging_dtype, is_floating
+from .checks import CheckpointError, check_integer, list_some, shown_value
+from .files import save_params
+from .folders import read_checkpoint_records
+from .parameters import is_floating
+from .params_files import load_params
 from .registry import ConfigurationError, Registrable
+from .weighted_sum import WeightedSum, all_finite, average_arrays, average_checkpoint_files, host_array
 
 __all__ = [
     "AveragingStrategy",
@@ -51,11 +42,15 @@ __all__ = [
     "GreedySoup",
     "SelectNBestMean",
     "SelectNBestSoftmax",
-    "needs_evaluation",
     "softmax_weights",
 ]
 
-logger = logging.getLogger("gluonts.modavg_plugin.strategies")
+logger = logging.getLogger(__name__)
+
+AVERAGED_MODEL_NAME = "averaged_model-0000.params"
+
+Evaluation = Callable[[Mapping[str, mx.nd.NDArray]], float]
+"""``evaluate(arrays) -> score``: the score of weights given by name (e.g. a validation loss)."""
 
 
 def softmax_weights(scores: Sequence[float], maximize: bool) -> np.ndarray:
@@ -88,13 +83,13 @@ class AveragingStrategy(Registrable):
     """
 
     default_implementation = "mean"
+    needs_evaluation = False
+    """Whether :meth:`select_checkpoints` evaluates candidate averages (then it needs ``evaluate``)."""
 
     def __init__(self, num_models: int = 5, metric: str = "score", maximize: bool = False) -> None:
-        if isinstance(num_models, bool) or not isinstance(num_models, (int, np.integer)) or num_models < 1:
-            raise ConfigurationError(f"num_models must be an integer >= 1, got {num_models!r}")
+        self.num_models = check_integer("num_models", num_models, 1)
         if not isinstance(metric, str) or not metric:
             raise ConfigurationError(f"metric must be a non-empty string (an epoch-info key), got {metric!r}")
-        self.num_models = int(num_models)
         self.metric = metric
         self.maximize = bool(maximize)
 
@@ -117,8 +112,8 @@ class AveragingStrategy(Registrable):
 
         The result is ``{model_path}/averaged_model-0000.params``. Unusable
         epoch-info files and parameter files are skipped with a warning (see
-        :func:`~modavg_plugin.checkpoints.read_checkpoint_records` and
-        :func:`~modavg_plugin.checkpoints.average_checkpoint_files`); it is a
+        :func:`~modavg_plugin.folders.read_checkpoint_records` and
+        :func:`~modavg_plugin.weighted_sum.average_checkpoint_files`); it is a
         :class:`CheckpointError` when nothing usable is left.
 
         Parameters
@@ -139,15 +134,19 @@ class AveragingStrategy(Registrable):
     def get_checkpoint_information(model_path: str, allow_outside_folder: bool = False) -> List[Dict[str, Any]]:
         """The usable epoch-info records (``params_path``, ``epoch_no``, metrics) in ``model_path``.
 
-        See :func:`~modavg_plugin.checkpoints.read_checkpoint_records`.
+        See :func:`~modavg_plugin.folders.read_checkpoint_records`.
         """
         return read_checkpoint_records(model_path, allow_outside_folder=allow_outside_folder)
 
-    def select_checkpoints(self, checkpoints: Sequence[Mapping[str, Any]]) -> Tuple[List[str], List[float]]:
+    def select_checkpoints(
+        self, checkpoints: Sequence[Mapping[str, Any]], evaluate: Optional[Evaluation] = None
+    ) -> Tuple[List[str], List[float]]:
         """The best ``num_models`` checkpoints, best first, and their weights (finite, >= 0, summing to 1).
 
         Checkpoints whose metric is missing, not a number, NaN or infinite
         are never selected; they are named, with the reason, in one warning.
+        ``evaluate(arrays) -> score`` is used only by strategies that
+        :attr:`needs_evaluation` (``"greedy"``).
         """
         ranked = self.candidate_checkpoints(checkpoints)
         scores = [float(record[self.metric]) for record in ranked]
@@ -272,11 +271,9 @@ class SelectNBestSoftmax(AveragingStrategy):
         return softmax_weights(scores, self.maximize)
 
 
-Evaluation = Callable[[Mapping[str, mx.nd.NDArray]], float]
-
 GREEDY_NEEDS_EVALUATION = (
-    'the "greedy" strategy needs an evaluation: pass evaluate=callable(arrays) -> score (or set strategy.evaluate); '
-    '`modavg average` and callbacks without validation data cannot evaluate: use "mean" there'
+    'the "greedy" strategy needs an evaluation: pass evaluate=callable(arrays) -> score; '
+    '`modavg average` and training without validation data cannot evaluate: use "mean" there'
 )
 
 
@@ -289,20 +286,20 @@ class GreedySoup(AveragingStrategy):
     different basins or from before the loss settled: the candidates, the
     ``num_models`` best by ``metric``, are tried best first, and each joins
     only if the equal-weight mean of the soup with it scores strictly better
-    under ``evaluate``. Without ``evaluate`` it cannot select, so not in
-    ``modavg average`` nor in a callback without validation data: use
+    under the evaluation. Without one it cannot select, so not in
+    ``modavg average`` nor in training without validation data: use
     ``"mean"`` there.
 
     Recipe 1 of Wortsman et al., "Model soups: averaging weights of multiple
     fine-tuned models improves accuracy without increasing inference time",
     ICML 2022 (https://arxiv.org/abs/2203.05482). The soup starts as the best
-    candidate, scored by ``evaluate`` as well, so that every comparison uses
-    the same evaluation. A NaN or infinite evaluation is no improvement (and
-    worse than any finite one); a candidate file that cannot be read or holds
-    NaN or infinite values is skipped with a warning. The result is the
-    soup's checkpoints with equal weights. Memory: about three model sizes
-    (the soup's running sum, in float32 or wider, one candidate and the mean
-    being evaluated), whatever ``num_models``.
+    candidate, scored by the evaluation as well, so that every comparison
+    uses the same evaluation. A NaN or infinite evaluation is no improvement
+    (and worse than any finite one); a candidate file that cannot be read or
+    holds NaN or infinite values is skipped with a warning. The result is the
+    soup's checkpoints with equal weights. Memory: about four model sizes
+    (the soup's running sum in float32 or wider, the sum with the candidate,
+    the candidate, and the mean being evaluated), whatever ``num_models``.
 
     Parameters
     ----------
@@ -312,42 +309,27 @@ class GreedySoup(AveragingStrategy):
         1 and ``num_models`` of them.
     maximize
         ``True``: high values are better, both for ``metric`` (the order the
-        candidates are tried in) and for ``evaluate``'s scores (accuracy);
+        candidates are tried in) and for the evaluation's scores (accuracy);
         ``False``: low ones (losses).
     evaluate
         ``evaluate(arrays) -> score``, the score of the weights given as
         name -> CPU ``mx.nd.NDArray`` with the checkpoint files' names and
-        dtypes, e.g. the validation loss of a network holding them. Needed by
-        :meth:`select_checkpoints`; may be set later through the attribute
-        ``evaluate``. Not part of the configuration: serde, pickles and
-        copies leave it out (see Notes).
+        dtypes, e.g. the validation loss of a network holding them; used
+        when :meth:`select_checkpoints` is given none (the adapters give
+        their validation data's). Not part of the configuration: serde,
+        pickles and copies leave it out.
 
     Attributes
     ----------
-    evaluate
-        As the argument; ``None`` until given.
     trials
         The candidates of the last :meth:`select_checkpoints`, in the order
         tried, as dicts: ``path``; ``epoch_no`` (from the record, if any);
-        ``score``, the evaluation of the soup's mean
-        with the candidate (the first candidate alone), ``None`` for a file
-        skipped unread; and ``kept``.
-
-    Notes
-    -----
-    ``evaluate`` (often a closure over a network and data) is run-time state,
-    not configuration: ``repr``, ``==``, ``hash`` and ``__getnewargs_ex__``
-    (hence GluonTS's serde) see only ``num_models``, ``metric`` and
-    ``maximize``, and a pickled or copied strategy (``pickle``,
-    ``copy.copy``, ``copy.deepcopy``) has ``evaluate = None`` and no
-    ``trials``: set ``evaluate`` again on it. So an unpicklable ``evaluate``
-    (a lambda) never breaks saving the configuration.
-
-    :meth:`select_checkpoints` keeps the soup's mean it computed, and
-    :meth:`average` of exactly that selection (what :meth:`apply` and the
-    adapters ask for next) returns it instead of reading the files again; any
-    other call reads the files.
+        ``score``, the evaluation of the soup's mean with the candidate (the
+        first candidate alone), ``None`` for a file skipped unread; and
+        ``kept``. A report only: :meth:`average` does not read it.
     """
+
+    needs_evaluation = True
 
     def __init__(
         self, num_models: int = 5, metric: str = "score", maximize: bool = False, evaluate: Optional[Evaluation] = None
@@ -355,76 +337,58 @@ class GreedySoup(AveragingStrategy):
         super().__init__(num_models, metric, maximize)
         self.evaluate = _checked_evaluation(evaluate)
         self.trials: List[Dict[str, Any]] = []
-        self._kept_average: Optional[Tuple[List[str], List[float], Dict[str, mx.nd.NDArray]]] = None
 
     def __getstate__(self) -> Dict[str, Any]:
-        """The configuration only: no ``evaluate`` (it may not pickle), ``trials`` or kept mean (see Notes)."""
-        return {**self.__dict__, "evaluate": None, "trials": [], "_kept_average": None}
+        """The configuration only: no ``evaluate`` (it may not pickle) and no ``trials``."""
+        return {**self.__dict__, "evaluate": None, "trials": []}
 
-    def select_checkpoints(self, checkpoints: Sequence[Mapping[str, Any]]) -> Tuple[List[str], List[float]]:
+    def select_checkpoints(
+        self, checkpoints: Sequence[Mapping[str, Any]], evaluate: Optional[Evaluation] = None
+    ) -> Tuple[List[str], List[float]]:
         """The soup's checkpoints, best candidate first, with equal weights; :attr:`trials` says why.
 
-        Every call evaluates afresh. One INFO line is logged per candidate.
+        ``evaluate`` scores candidate means (``None``: the one given at
+        construction). Every call evaluates afresh; one INFO line is logged
+        per candidate.
 
         Raises
         ------
         ConfigurationError
-            ``evaluate`` is not set or not callable, or returns something
-            other than a number.
+            No evaluation, one that is not callable, or one returning
+            something other than a number.
         CheckpointError
             No candidates (see :meth:`rank_checkpoints`), none readable with
             finite values, or candidates whose parameter names or shapes
             differ (naming the parameter and the files).
         """
-        evaluate = self._evaluation()
-        self.trials, self._kept_average = [], None
-        records = self.candidate_checkpoints(checkpoints)
-        candidates = [str(record["params_path"]) for record in records]
-        soup: Optional[_Soup] = None
-        for path in candidates:
-            soup = self._try_candidate(soup, path, evaluate)
-        for trial, record in zip(self.trials, records):
-            trial["epoch_no"] = record.get("epoch_no")
-        if soup is None:
-            raise CheckpointError(
-                f"no usable checkpoint among the {len(candidates)} candidates: {list_some(candidates, ', ', ' ')}"
-            )
-        paths, weights = list(soup.paths), [1.0 / len(soup.paths)] * len(soup.paths)
-        self._kept_average = (paths, weights, soup.mean())
-        return list(paths), list(weights)
-
-    def average(self, param_paths: Sequence[str], weights: Sequence[float]) -> Dict[str, mx.nd.NDArray]:
-        """The mean :meth:`select_checkpoints` computed, for exactly its selection; else the files' weighted mean."""
-        kept, self._kept_average = self._kept_average, None
-        if kept is not None and list(param_paths) == kept[0] and list(weights) == kept[1]:
-            return kept[2]
-        return super().average(param_paths, weights)
-
-    def _evaluation(self) -> Evaluation:
-        if self.evaluate is None:
+        evaluate = _checked_evaluation(evaluate if evaluate is not None else self.evaluate)
+        if evaluate is None:
             raise ConfigurationError(GREEDY_NEEDS_EVALUATION)
-        return _checked_evaluation(self.evaluate)
-
-    def _try_candidate(self, soup: Optional["_Soup"], path: str, evaluate: Evaluation) -> Optional["_Soup"]:
-        """Read the candidate at ``path``: start the soup with it, or add it if the mean with it scores better."""
-        arrays = _read_candidate(path)
-        if arrays is None:
-            self.trials.append({"path": path, "score": None, "kept": False})
-            return soup
-        if soup is None:
-            soup = _Soup(arrays, path)
-            soup.score = _score(evaluate, soup.mean())  # as every later mean: from the sum, dense
-            logger.info("greedy soup: %s starts the soup, scoring %.6g", path, soup.score)
-            self.trials.append({"path": path, "score": soup.score, "kept": True})
-            return soup
-        soup.check_matches(arrays, path)
-        score = _score(evaluate, soup.mean(arrays))
-        kept = self._improves(score, soup.score)
-        self._log_trial(path, score, kept, soup)
-        self.trials.append({"path": path, "score": score, "kept": kept})
-        if kept:
-            soup.add(arrays, path, score)
-        return soup
+        self.trials = []
+        records = self.candidate_checkpoints(checkpoints)
+        soup: Optional[WeightedSum] = None
+        kept: List[str] = []
+        soup_score = math.nan
+        for record in records:
+            path = str(record["params_path"])
+            trial = {"path": path, "epoch_no": record.get("epoch_no"), "score": None, "kept": False}
+            self.trials.append(trial)
+            arrays = _read_candidate(path)
+            if arrays is None:
+                continue
+            candidate = soup.copy() if soup is not None else WeightedSum()
+            candidate.add(arrays, 1.0, path)
+            del arrays
+            trial["score"] = _score(evaluate, candidate.mean())
+            trial["kept"] = soup is None or self._improves(trial["score"], soup_score)
+            self._log_trial(path, trial["score"], trial["kept"], len(kept) + 1, soup_score)
+            if trial["kept"]:
+                soup, soup_score = candidate, trial["score"]
+                kept.append(path)
+        if not kept:
+            shown = list_some([str(record["params_path"]) for record in records], ", ", " ")
+            raise CheckpointError(f"no usable checkpoint among the {len(records)} candidates: {shown}")
+        return kept, [1.0 / len(kept)] * len(kept)
 
     def _improves(self, score: float, current: float) -> bool:
         """Whether ``score`` is strictly better than ``current``; non-finite scores are worse than any finite one."""
@@ -435,60 +399,15 @@ class GreedySoup(AveragingStrategy):
         return score > current if self.maximize else score < current
 
     @staticmethod
-    def _log_trial(path: str, score: float, kept: bool, soup: "_Soup") -> None:
-        count = len(soup.paths) + 1
-        if kept:
+    def _log_trial(path: str, score: float, kept: bool, count: int, current: float) -> None:
+        if count == 1:
+            logger.info("greedy soup: %s starts the soup, scoring %.6g", path, score)
+        elif kept:
             message = "greedy soup: kept %s: the mean of %d checkpoints scores %.6g, better than %.6g"
+            logger.info(message, path, count, score, current)
         else:
             message = "greedy soup: rejected %s: the mean of %d checkpoints would score %.6g, not better than %.6g"
-        logger.info(message, path, count, score, soup.score)
-
-
-class _Soup:
-    """The soup's files and their running sum on the host: floats in float32 or wider, integers from the first file."""
-
-    def __init__(self, arrays: Mapping[str, mx.nd.NDArray], path: str) -> None:
-        self.paths = [path]
-        self.score = math.nan
-        self._dtypes = {name: np.dtype(array.dtype) for name, array in arrays.items()}
-        self._sums = {name: _host_copy(array) for name, array in arrays.items()}
-
-    def check_matches(self, arrays: Mapping[str, mx.nd.NDArray], path: str) -> None:
-        """:class:`CheckpointError` naming a parameter whose name or shape differs from the first file's."""
-        check_same_names(arrays, path, self._sums, self.paths[0])
-        for name, total in self._sums.items():
-            if tuple(arrays[name].shape) != total.shape:
-                shape = tuple(arrays[name].shape)
-                raise CheckpointError(
-                    f"parameter {name!r} has shape {shape} in {path} but {total.shape} in {self.paths[0]}"
-                )
-
-    def add(self, arrays: Mapping[str, mx.nd.NDArray], path: str, score: float) -> None:
-        """Put the file ``path`` (its ``arrays``, scoring ``score`` with the soup) into the soup."""
-        for name, total in self._sums.items():
-            if is_floating(self._dtypes[name]):
-                np.add(total, host_array(arrays[name]), out=total, dtype=total.dtype)
-        self.paths.append(path)
-        self.score = score
-
-    def mean(self, candidate: Optional[Mapping[str, mx.nd.NDArray]] = None) -> Dict[str, mx.nd.NDArray]:
-        """The equal-weight mean of the soup (and ``candidate``), as CPU NDArrays in the files' dtypes."""
-        count = len(self.paths) + (candidate is not None)
-        return {name: self._mean_of(name, candidate, count) for name in self._sums}
-
-    def _mean_of(self, name: str, candidate: Optional[Mapping[str, mx.nd.NDArray]], count: int) -> mx.nd.NDArray:
-        total, dtype = self._sums[name], self._dtypes[name]
-        if not is_floating(dtype):
-            return mx.nd.array(total, dtype=dtype)
-        if candidate is not None:  # the same sum as add() would keep
-            total = np.add(total, host_array(candidate[name]), dtype=total.dtype)
-        return mx.nd.array(total / count, dtype=dtype)
-
-
-def _host_copy(array: mx.nd.NDArray) -> np.ndarray:
-    """A NumPy copy of ``array``: floats in float32 or wider, integers as they are."""
-    values = host_array(array)
-    return values.astype(averaging_dtype(values.dtype)) if is_floating(values.dtype) else values.copy()
+            logger.info(message, path, count, score, current)
 
 
 def _read_candidate(path: str) -> Optional[Dict[str, mx.nd.NDArray]]:
@@ -522,8 +441,3 @@ def _score(evaluate: Evaluation, arrays: Mapping[str, mx.nd.NDArray]) -> float:
         return float(value)
     except OverflowError:  # an integer too large for a float: not finite, as inf
         return math.inf
-
-
-def needs_evaluation(strategy: Optional[AveragingStrategy]) -> bool:
-    """Whether ``strategy`` selects by evaluating candidate averages (``"greedy"``), through its ``evaluate``."""
-    return strategy is not None and hasattr(strategy, "evaluate")

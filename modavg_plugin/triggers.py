@@ -12,14 +12,10 @@ the Module adapter with any moving average (typically ``"cumulative"``).
 import math
 from typing import Any, Dict, List, Mapping, Optional
 
+from .checks import check_integer, check_number
 from .registry import ConfigurationError, Registrable
 
 __all__ = ["AlphaSuffixTrigger", "AveragingTrigger", "NonMonotonicTrigger", "trigger_from_config"]
-
-
-def _check_fraction(name: str, value: float) -> None:
-    if isinstance(value, bool) or not (isinstance(value, (int, float)) and 0.0 <= value <= 1.0):
-        raise ConfigurationError(f"{name} must be a number in [0, 1], got {value!r}")
 
 
 class AveragingTrigger(Registrable):
@@ -64,8 +60,7 @@ class AlphaSuffixTrigger(AveragingTrigger):
     """
 
     def __init__(self, alpha: float = 0.75) -> None:
-        _check_fraction("alpha", alpha)
-        self.alpha = float(alpha)
+        self.alpha = check_number("alpha", alpha, 0.0, 1.0)
 
     def should_start(self, epochs_done: int, metric: float, max_epochs: int) -> bool:
         return epochs_done >= max_epochs * (1.0 - self.alpha)
@@ -94,14 +89,13 @@ class NonMonotonicTrigger(AveragingTrigger):
         In [0, 1]: start anyway once ``epochs_done >= max_epochs * (1 - fallback_alpha)``.
     """
 
-    def __init__(self, n: int = 5, maximize: bool = False, last_n_trigger: bool = False, fallback_alpha: float = 0.05) -> None:
-        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-            raise ConfigurationError(f"n must be an integer >= 1, got {n!r} (for a fixed start use 'alpha_suffix')")
-        _check_fraction("fallback_alpha", fallback_alpha)
-        self.n = n
+    def __init__(
+        self, n: int = 5, maximize: bool = False, last_n_trigger: bool = False, fallback_alpha: float = 0.05
+    ) -> None:
+        self.n = check_integer("n", n, 1)
         self.maximize = bool(maximize)
         self.last_n_trigger = bool(last_n_trigger)
-        self.fallback_alpha = float(fallback_alpha)
+        self.fallback_alpha = check_number("fallback_alpha", fallback_alpha, 0.0, 1.0)
         self.metrics: List[float] = []
 
     def should_start(self, epochs_done: int, metric: float, max_epochs: int) -> bool:

@@ -42,14 +42,14 @@ from threadpoolctl import ThreadpoolController
 from .parameters import is_floating
 
 __all__ = [
+    "MULTI_TENSOR_LIMIT",
     "SCRATCH_VALUES",
-    "blend_in_place",
-    "single_threaded_blas",
     "CopyUpdateGroup",
     "CpuUpdateGroup",
-    "MULTI_TENSOR_LIMIT",
     "MultiTensorUpdateGroup",
     "UpdateGroup",
+    "blend_in_place",
+    "single_threaded_blas",
     "update_group_for",
 ]
 
@@ -239,9 +239,7 @@ class MultiTensorUpdateGroup(UpdateGroup):
         return value if np.dtype(value.dtype) == self.dtype else value.astype(self.dtype)
 
 
-def update_group_for(
-    names: Sequence[str], initial_values: Sequence[mx.nd.NDArray], dtype: np.dtype
-) -> UpdateGroup:
+def update_group_for(names: Sequence[str], initial_values: Sequence[mx.nd.NDArray], dtype: np.dtype) -> UpdateGroup:
     """The update group suited to the shadows' dtype and context."""
     if not is_floating(dtype):
         return CopyUpdateGroup(names, initial_values, dtype)

@@ -21,10 +21,10 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from test_module import data_iterator, fit_arguments, network  # noqa: E402
+from test_module import data_iterator, fit_arguments, network
 
-from modavg_plugin import ExponentialMovingAverage  # noqa: E402
-from modavg_plugin.module import ModuleAveraging  # noqa: E402
+from modavg_plugin import ExponentialMovingAverage
+from modavg_plugin.module import ModuleAveraging
 
 
 def gluon_loop(output: str) -> None:

@@ -305,7 +305,9 @@ def test_cumulative_average_with_eta_matches_gluonts_iteration_averaging(eta):
     for name, shadow in ours.shadows.items():
         np.testing.assert_allclose(shadow.asnumpy(), reference.averaged_model[name].asnumpy(), rtol=1e-5, atol=1e-6)
         plain_mean = np.mean([value[name] for value in values], axis=0)
-        assert np.allclose(shadow.asnumpy(), plain_mean, rtol=1e-5, atol=1e-6) == (eta == 0)  # eta > 0: later count more
+        assert np.allclose(shadow.asnumpy(), plain_mean, rtol=1e-5, atol=1e-6) == (
+            eta == 0
+        )  # eta > 0: later count more
 
 
 @pytest.mark.parametrize("eta", [-0.5, float("nan"), float("inf")])
@@ -341,7 +343,9 @@ def test_power_average_takes_sigma_rel_as_in_the_paper(sigma_rel, gamma):
     assert math.sqrt((found + 1) / ((found + 2) ** 2 * (found + 3))) == pytest.approx(sigma_rel, rel=1e-12)
     net = mx.gluon.nn.Dense(1, in_units=1)
     net.initialize()
-    average = MovingAverage.from_config({"type": "power", "sigma_rel": sigma_rel}, parameters=net.collect_params().items())
+    average = MovingAverage.from_config(
+        {"type": "power", "sigma_rel": sigma_rel}, parameters=net.collect_params().items()
+    )
     assert average.gamma == pytest.approx(gamma, abs=0.005)
 
 
@@ -388,7 +392,9 @@ TRAJECTORY = np.random.RandomState(3).randn(12, 4)
 @pytest.mark.parametrize("with_num_updates", [False, True])
 def test_start_step_averages_only_the_steps_after_it_and_follows_before(with_num_updates):
     net = vector_network(TRAJECTORY[0])
-    average = MovingAverage.from_config({"type": "cumulative", "start_step": 5}, parameters=net.collect_params().items())
+    average = MovingAverage.from_config(
+        {"type": "cumulative", "start_step": 5}, parameters=net.collect_params().items()
+    )
     visit(average, net, TRAJECTORY[:5], with_num_updates)
     assert_allclose(shadow(average), TRAJECTORY[4], rtol=1e-6)  # not started: the latest weights
     assert average.num_applied == 0 and not average.started
@@ -413,7 +419,9 @@ def test_update_every_averages_every_kth_step_after_the_start():
 
 def test_start_now_starts_after_the_current_step():
     net = vector_network(TRAJECTORY[0])
-    average = MovingAverage.from_config({"type": "cumulative", "start_step": None}, parameters=net.collect_params().items())
+    average = MovingAverage.from_config(
+        {"type": "cumulative", "start_step": None}, parameters=net.collect_params().items()
+    )
     visit(average, net, TRAJECTORY[:4])
     average.start_now()
     assert average.start_step == 4
@@ -476,7 +484,9 @@ def test_non_trainable_states_are_averaged_copied_or_left_out(non_trainable):
 def test_include_and_exclude_patterns_choose_the_averaged_parameters():
     net = batchnorm_network()
     pairs = list(net.collect_params().items())
-    average = MovingAverage.from_config({"type": "cumulative", "include": ["*dense*"], "exclude": "*bias"}, parameters=pairs)
+    average = MovingAverage.from_config(
+        {"type": "cumulative", "include": ["*dense*"], "exclude": "*bias"}, parameters=pairs
+    )
     assert sorted(average.shadows) == ["net_dense0_weight"]
     everything_but_batchnorm = MovingAverage.from_config({"exclude": ["net_batchnorm0_*"]}, parameters=pairs)
     assert sorted(everything_but_batchnorm.shadows) == ["net_dense0_bias", "net_dense0_weight"]
@@ -485,14 +495,17 @@ def test_include_and_exclude_patterns_choose_the_averaged_parameters():
 @pytest.mark.parametrize(
     "config, message",
     [
-        ({"exclude": ["*batchnrom*"]}, r"exclude pattern '\*batchnrom\*' matches no parameter; the names are like 'net_dense0_weight'"),
+        (
+            {"exclude": ["*batchnrom*"]},
+            r"exclude pattern '\*batchnrom\*' matches no parameter; the names are like 'net_dense0_weight'",
+        ),
         ({"include": ["*dense*"], "exclude": ["*dense*"]}, r"leave no parameter to average"),
         ({"include": [3]}, r"include must be a list of name patterns such as \['\*weight'\], got \[3\]"),
         ({"start_step": -1}, r"start_step must be an integer >= 0, got -1"),
         ({"update_every": 0}, r"update_every must be an integer >= 1, got 0"),
         ({"non_trainable": "skip"}, r"non_trainable must be one of \['average', 'copy', 'exclude'\], got 'skip'"),
         ({"warmup": "linear"}, r"warmup must be one of \['ratio', 'power', 'none'\], got 'linear'"),
-        ({"warmup_power": 0}, r"warmup_power must be a finite number > 0.0, got 0"),
+        ({"warmup_power": 0}, r"warmup_power must be a finite number > 0, got 0"),
         ({"start_stpe": 3}, r"unknown key 'start_stpe'.*did you mean 'start_step'"),
     ],
 )
@@ -503,11 +516,15 @@ def test_bad_shared_options_name_the_culprit(config, message):
 
 def test_state_round_trip_keeps_the_schedule():
     net = vector_network(TRAJECTORY[0])
-    first = MovingAverage.from_config({"type": "cumulative", "start_step": None}, parameters=net.collect_params().items())
+    first = MovingAverage.from_config(
+        {"type": "cumulative", "start_step": None}, parameters=net.collect_params().items()
+    )
     visit(first, net, TRAJECTORY[:3])
     first.start_now()
     visit(first, net, TRAJECTORY[3:6])
-    second = MovingAverage.from_config({"type": "cumulative", "start_step": None}, parameters=net.collect_params().items())
+    second = MovingAverage.from_config(
+        {"type": "cumulative", "start_step": None}, parameters=net.collect_params().items()
+    )
     second.load_state_dict(pickle.loads(pickle.dumps(first.state_dict())))
     assert (second.start_step, second.num_steps, second.num_applied) == (3, 6, 3)
     for value in TRAJECTORY[6:]:

@@ -12,15 +12,10 @@ import numpy as np
 import pytest
 
 from modavg_plugin import CheckpointError, save_epoch_info
-from modavg_plugin.checkpoints import (
-    MAX_EPOCH_INFO_BYTES,
-    average_arrays,
-    check_weights,
-    load_params,
-    normalised_weights,
-    read_checkpoint_records,
-    save_params,
-)
+from modavg_plugin.files import save_params
+from modavg_plugin.folders import MAX_EPOCH_INFO_BYTES, read_checkpoint_records
+from modavg_plugin.params_files import load_params
+from modavg_plugin.weighted_sum import average_arrays, check_weights, normalised_weights
 
 
 def test_save_epoch_info_writes_the_json_next_to_the_base_path(tmp_path):
@@ -135,7 +130,7 @@ def test_leftovers_of_interrupted_writes_are_ignored_and_named_in_one_warning(tm
     (tmp_path / ".tmp-a1b2-epoch-0001.params").write_bytes(b"\x12\x01\x00\x00")
     # a complete leftover record (killed between its fsync and its rename) is ignored too
     (tmp_path / ".tmp-c3d4-epoch-0001-epoch-info.json").write_text('{"params_path": "epoch-0000.params", "score": 0}')
-    with caplog.at_level(logging.WARNING, logger="gluonts.modavg_plugin"):
+    with caplog.at_level(logging.WARNING, logger="modavg_plugin"):
         records = read_checkpoint_records(str(tmp_path))
     assert info_names(records) == ["epoch-0000-epoch-info.json"]
     (warning,) = warnings_of(caplog)
@@ -161,11 +156,13 @@ def test_epoch_info_whose_params_file_is_unusable_is_skipped_with_a_warning(tmp_
     else:
         data = open(broken, "rb").read()
         open(broken, "wb").write(b"" if damage == "empty" else data[:-3])
-    with caplog.at_level(logging.WARNING, logger="gluonts.modavg_plugin"):
+    with caplog.at_level(logging.WARNING, logger="modavg_plugin"):
         records = read_checkpoint_records(str(tmp_path))
     assert info_names(records) == ["epoch-0000-epoch-info.json"]
     (warning,) = warnings_of(caplog)
-    assert warning.startswith(f"skipping epoch info {tmp_path / 'epoch-0001-epoch-info.json'}: checkpoint file {broken}")
+    assert warning.startswith(
+        f"skipping 1 of the epoch-info files in {tmp_path}: epoch-0001-epoch-info.json: checkpoint file {broken}"
+    )
     expected = {"missing": "does not exist", "a folder": "is not a regular file"}.get(damage, "truncated")
     assert expected in warning
 
@@ -174,7 +171,7 @@ def test_nothing_usable_is_one_error_naming_the_folder_and_each_reason(tmp_path,
     os.remove(write_checkpoint(tmp_path, "epoch-0000", {"epoch_no": 0, "score": 1.0}))
     (tmp_path / "epoch-0001-epoch-info.json").write_text("{not json")
     write_checkpoint(tmp_path, "epoch-0002", {"epoch_no": -2, "score": 1.0})
-    with caplog.at_level(logging.WARNING, logger="gluonts.modavg_plugin"):
+    with caplog.at_level(logging.WARNING, logger="modavg_plugin"):
         with pytest.raises(CheckpointError) as raised:
             read_checkpoint_records(str(tmp_path))
     message = str(raised.value)
@@ -193,12 +190,18 @@ HOSTILE_EPOCH_INFO = {
     "null": (b"null", "not a JSON object (a NoneType)"),
     "nested deeply": (b"[" * 200_000 + b"]" * 200_000, "nested too deeply"),
     "huge integer": (b'{"params_path": "a.params", "epoch_no": 1' + b"0" * 5000 + b"}", "not JSON ("),
-    "no params_path": (b'{"epoch_no": 1, "score": 0.5}', "'params_path' must be a non-empty file name or path, got nothing"),
+    "no params_path": (
+        b'{"epoch_no": 1, "score": 0.5}',
+        "'params_path' must be a non-empty file name or path, got nothing",
+    ),
     "params_path a number": (b'{"params_path": 3, "score": 0.5}', "got 3 (int)"),
     "params_path a list": (b'{"params_path": ["a.params"], "score": 0.5}', "got ['a.params'] (list)"),
     "params_path empty": (b'{"params_path": "", "score": 0.5}', "got '' (str)"),
     "params_path with NUL": (b'{"params_path": "a\\u0000.params", "score": 0.5}', "got 'a\\x00.params' (str)"),
-    "epoch_no a string": (b'{"params_path": "a.params", "epoch_no": "3"}', "'epoch_no' must be an integer >= 0, got '3' (str)"),
+    "epoch_no a string": (
+        b'{"params_path": "a.params", "epoch_no": "3"}',
+        "'epoch_no' must be an integer >= 0, got '3' (str)",
+    ),
     "epoch_no a float": (b'{"params_path": "a.params", "epoch_no": 3.0}', "got 3.0 (float)"),
     "epoch_no a boolean": (b'{"params_path": "a.params", "epoch_no": true}', "got True (bool)"),
     "epoch_no negative": (b'{"params_path": "a.params", "epoch_no": -1}', "got -1 (int)"),
@@ -210,11 +213,11 @@ def test_hostile_epoch_info_is_skipped_with_the_reason(tmp_path, caplog, case):
     content, reason = HOSTILE_EPOCH_INFO[case]
     write_checkpoint(tmp_path, "a", {"epoch_no": 0, "score": 1.0})
     (tmp_path / "b-epoch-info.json").write_bytes(content)
-    with caplog.at_level(logging.WARNING, logger="gluonts.modavg_plugin"):
+    with caplog.at_level(logging.WARNING, logger="modavg_plugin"):
         records = read_checkpoint_records(str(tmp_path))
     assert info_names(records) == ["a-epoch-info.json"]
     (warning,) = warnings_of(caplog)
-    assert warning.startswith(f"skipping epoch info {tmp_path / 'b-epoch-info.json'}: ")
+    assert warning.startswith(f"skipping 1 of the epoch-info files in {tmp_path}: b-epoch-info.json: ")
     assert reason in warning
     assert len(warning) < 400  # a huge value is cut, not copied into the log
 
@@ -226,7 +229,7 @@ def test_epoch_info_of_exactly_the_size_cap_is_read_and_one_byte_more_is_not(tmp
     assert info_names(read_checkpoint_records(str(tmp_path))) == ["a-epoch-info.json"]
     write_checkpoint(tmp_path, "b", {"score": 2.0})
     (tmp_path / "a-epoch-info.json").write_text(body + " " * (MAX_EPOCH_INFO_BYTES + 1 - len(body)))
-    with caplog.at_level(logging.WARNING, logger="gluonts.modavg_plugin"):
+    with caplog.at_level(logging.WARNING, logger="modavg_plugin"):
         assert info_names(read_checkpoint_records(str(tmp_path))) == ["b-epoch-info.json"]
     assert f"{MAX_EPOCH_INFO_BYTES + 1} bytes, more than the {MAX_EPOCH_INFO_BYTES}" in warnings_of(caplog)[0]
 
@@ -243,7 +246,7 @@ def test_a_huge_epoch_info_is_refused_by_its_size_without_being_parsed(tmp_path,
         return loads(text, *args, **kwargs)
 
     monkeypatch.setattr(json, "loads", small_loads_only)
-    with caplog.at_level(logging.WARNING, logger="gluonts.modavg_plugin"):
+    with caplog.at_level(logging.WARNING, logger="modavg_plugin"):
         assert info_names(read_checkpoint_records(str(tmp_path))) == ["a-epoch-info.json"]
     assert f"b-epoch-info.json: {size} bytes, more than the {MAX_EPOCH_INFO_BYTES}" in warnings_of(caplog)[0]
 
@@ -256,7 +259,7 @@ def test_an_epoch_info_that_is_not_a_regular_file_is_skipped_without_blocking(tm
     result = {}
     # a FIFO opened for reading blocks until a writer comes: run in a thread so a regression fails instead of hanging
     reader = threading.Thread(target=lambda: result.update(records=read_checkpoint_records(str(tmp_path))), daemon=True)
-    with caplog.at_level(logging.WARNING, logger="gluonts.modavg_plugin"):
+    with caplog.at_level(logging.WARNING, logger="modavg_plugin"):
         reader.start()
         reader.join(timeout=60)
     assert not reader.is_alive(), "reading the folder blocked on the FIFO"
@@ -289,10 +292,12 @@ def test_params_path_outside_the_folder_is_refused_unless_allowed(tmp_path, capl
     write_checkpoint(run, "a", {"score": 1.0})
     params_path = outside_cases(tmp_path)[case]
     save_epoch_info(str(run / "b"), {"params_path": params_path, "score": 0.5})
-    with caplog.at_level(logging.WARNING, logger="gluonts.modavg_plugin"):
+    with caplog.at_level(logging.WARNING, logger="modavg_plugin"):
         assert info_names(read_checkpoint_records(str(run))) == ["a-epoch-info.json"]
     (warning,) = warnings_of(caplog)
-    assert warning.startswith(f"skipping epoch info {run / 'b-epoch-info.json'}: 'params_path' {params_path!r}")
+    assert warning.startswith(
+        f"skipping 1 of the epoch-info files in {run}: b-epoch-info.json: 'params_path' {params_path!r}"
+    )
     assert f"resolves to {tmp_path / 'elsewhere' / 'x.params'}, outside the folder" in warning
     assert "allow_outside_folder=True" in warning
     records = read_checkpoint_records(str(run), allow_outside_folder=True)
@@ -320,10 +325,11 @@ def test_absolute_params_paths_inside_the_folder_are_accepted_as_gluonts_writes_
 def test_two_records_of_one_params_file_count_once(tmp_path, caplog):
     write_checkpoint(tmp_path, "epoch-0000", {"epoch_no": 0, "score": 1.0})
     save_epoch_info(str(tmp_path / "epoch-0000-copy"), {"params_path": "./epoch-0000.params", "score": 0.1})
-    with caplog.at_level(logging.WARNING, logger="gluonts.modavg_plugin"):
+    with caplog.at_level(logging.WARNING, logger="modavg_plugin"):
         assert info_names(read_checkpoint_records(str(tmp_path))) == ["epoch-0000-copy-epoch-info.json"]
-    assert "epoch-0000-epoch-info.json: names the same parameter file as epoch-0000-copy-epoch-info.json" in (
-        warnings_of(caplog)[0]
+    assert (
+        "epoch-0000-epoch-info.json: names the same parameter file as epoch-0000-copy-epoch-info.json"
+        in (warnings_of(caplog)[0])
     )
 
 
@@ -371,7 +377,7 @@ def test_a_folder_that_is_a_file_or_cannot_be_listed_is_named(tmp_path, monkeypa
 
 
 def test_files_are_written_with_the_mode_open_would_give(tmp_path):
-    from modavg_plugin.checkpoints import write_atomically
+    from modavg_plugin.files import write_atomically
 
     umask = os.umask(0o022)
     os.umask(umask)
@@ -388,7 +394,7 @@ def test_load_weights_matches_names_saved_relative_to_another_prefix(tmp_path):
         source.add(mx.gluon.nn.Dense(3, in_units=2), mx.gluon.nn.Dense(1, in_units=3))
     source.initialize(mx.init.Uniform(1.0))
     path = str(tmp_path / "relative.params")
-    mx.nd.save(path, {name[len("training0_"):]: p.data() for name, p in source.collect_params().items()})
+    mx.nd.save(path, {name[len("training0_") :]: p.data() for name, p in source.collect_params().items()})
     target = mx.gluon.nn.HybridSequential(prefix="predictor7_")
     with target.name_scope():
         target.add(mx.gluon.nn.Dense(3, in_units=2), mx.gluon.nn.Dense(1, in_units=3))

@@ -18,8 +18,8 @@ import scipy.special
 from numpy.testing import assert_allclose
 
 from modavg_plugin import AveragingStrategy, save_epoch_info
-from modavg_plugin.checkpoints import AVERAGED_MODEL_NAME
 from modavg_plugin.cli import main
+from modavg_plugin.strategies import AVERAGED_MODEL_NAME
 
 Arrays = Dict[str, np.ndarray]
 SCORES = [6.0, 1.0, 5.0, 2.0, 4.0, 3.0]  # best by score (lowest): epochs 1, 3, 5, 4, 2, 0
@@ -227,8 +227,8 @@ def test_folder_skips_a_truncated_checkpoint_with_one_warning_line_and_selects_t
     truncated.write_bytes(truncated.read_bytes()[:60])
     code, out, err = run(capsys, ["average", str(checkpoints), "--num-models", "3"])
     assert code == 0 and out == f"{checkpoints / AVERAGED_MODEL_NAME}\n"
-    assert len(err.splitlines()) == 1 and err.startswith("modavg: warning: skipping epoch info ")
-    assert str(checkpoints / "epoch-0003-epoch-info.json") in err and str(truncated) in err and "truncated" in err
+    assert len(err.splitlines()) == 1 and err.startswith("modavg: warning: skipping 1 of the epoch-info files in ")
+    assert f"{checkpoints}: epoch-0003-epoch-info.json" in err and str(truncated) in err and "truncated" in err
     # the 3 best usable: epochs 1, 5, 4 (scores 1, 3, 4); epoch 3 (score 2) is out
     expected = weighted_mean([arrays[1], arrays[5], arrays[4]], [1, 1, 1])
     assert_params_file_equals(str(checkpoints / AVERAGED_MODEL_NAME), expected)
@@ -237,7 +237,9 @@ def test_folder_skips_a_truncated_checkpoint_with_one_warning_line_and_selects_t
 def test_folder_ignores_leftovers_of_interrupted_writes_with_one_warning_line(folder, capsys):
     checkpoints, arrays = folder
     (checkpoints / ".tmp-k3j2-epoch-0006.params").write_bytes(b"\x12\x01\x00")  # killed while writing
-    (checkpoints / ".tmp-x8q1-epoch-0006-epoch-info.json").write_text('{"params_path": "epoch-0001.params", "score": 0}')
+    (checkpoints / ".tmp-x8q1-epoch-0006-epoch-info.json").write_text(
+        '{"params_path": "epoch-0001.params", "score": 0}'
+    )
     code, out, err = run(capsys, ["average", str(checkpoints), "--num-models", "2"])
     assert code == 0 and out == f"{checkpoints / AVERAGED_MODEL_NAME}\n"
     assert len(err.splitlines()) == 1 and err.startswith("modavg: warning: ignoring 2 temporary file(s) in ")

@@ -106,7 +106,11 @@ def test_every_worker_keeps_the_same_ema_of_the_weights_bit_for_bit(job):
 def test_only_rank_zero_writes_and_every_worker_ends_with_its_average(job):
     assert not os.path.exists(os.path.join(job, "rank1"))
     folder = os.path.join(job, "rank0")
-    records = [json.load(open(os.path.join(folder, name))) for name in sorted(os.listdir(folder)) if name.endswith(".json") and "epoch-info" in name]
+    records = [
+        json.load(open(os.path.join(folder, name)))
+        for name in sorted(os.listdir(folder))
+        if name.endswith(".json") and "epoch-info" in name
+    ]
     assert len(records) == 2 and "model-symbol.json" in os.listdir(folder)
     metrics = [json.load(open(os.path.join(job, f"metrics-{rank}.json"))) for rank in (0, 1)]
     assert metrics[0]["accuracy"] != metrics[1]["accuracy"]  # the workers validate on different data
@@ -116,4 +120,6 @@ def test_only_rank_zero_writes_and_every_worker_ends_with_its_average(job):
     final = [load(job, f"final-{rank}.params") for rank in (0, 1)]
     for name in final[0]:
         assert_array_equal(final[0][name], final[1][name], err_msg=name)
-        assert_allclose(final[0][name], np.mean([checkpoint[name] for checkpoint in kept], axis=0), rtol=1e-6, atol=1e-7)
+        assert_allclose(
+            final[0][name], np.mean([checkpoint[name] for checkpoint in kept], axis=0), rtol=1e-6, atol=1e-7
+        )

@@ -23,7 +23,16 @@ def load_example(name: str):
 def test_forecasting_demo_quick_runs_as_make_demo_does(tmp_path):
     """The script as ``make demo`` runs it (two worker processes), in its tiny setting, on two seeds."""
     completed = subprocess.run(
-        [sys.executable, str(EXAMPLES / "forecasting_demo.py"), "--quick", "--seeds", "0", "1", "--output", str(tmp_path)],
+        [
+            sys.executable,
+            str(EXAMPLES / "forecasting_demo.py"),
+            "--quick",
+            "--seeds",
+            "0",
+            "1",
+            "--output",
+            str(tmp_path),
+        ],
         capture_output=True,
         text=True,
         timeout=600,
@@ -43,7 +52,9 @@ def test_forecasting_demo_quick_runs_as_make_demo_does(tmp_path):
                 values = [runs[(method, seed)][metric] for seed in (0, 1)]
                 assert all(math.isfinite(value) for value in values)
                 assert math.isclose(results["summary"][dataset][method][metric]["mean"], (values[0] + values[1]) / 2)
-                assert math.isclose(results["summary"][dataset][method][metric]["std"], abs(values[0] - values[1]) / math.sqrt(2))
+                assert math.isclose(
+                    results["summary"][dataset][method][metric]["std"], abs(values[0] - values[1]) / math.sqrt(2)
+                )
             lower = sum(runs[(method, seed)]["MASE"] < runs[("last iterate", seed)]["MASE"] for seed in (0, 1))
             assert results["summary"][dataset][method]["seeds_with_lower_MASE"] == lower
         for seed in (0, 1):

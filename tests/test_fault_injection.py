@@ -54,8 +54,8 @@ import numpy as np
 import pytest
 
 from modavg_plugin import CheckpointError, SelectNBestMean
-from modavg_plugin.checkpoints import EPOCH_INFO_SUFFIX
 from modavg_plugin.cli import main
+from modavg_plugin.folders import EPOCH_INFO_SUFFIX
 
 TRAINING_SCRIPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fault_training.py")
 SEEDS = range(12)
@@ -66,7 +66,7 @@ TEMPORARY_PREFIX = ".tmp-"  # the library's names for files being written
 API_NUM_MODELS = 3
 CLI_DEFAULT_NUM_MODELS = 5
 FLOAT32_ULPS = 4 * np.finfo(np.float32).eps
-LIBRARY_LOGGER = "gluonts.modavg_plugin"
+LIBRARY_LOGGER = "modavg_plugin"
 
 Shapes = Dict[str, Tuple[int, ...]]
 

@@ -88,13 +88,13 @@ class RawWeights:
 def record_saved_checkpoints(averaging: ModuleAveraging) -> dict:
     """epoch_no -> (arrays as NumPy, metrics) of every checkpoint the adapter saves, filled as it saves."""
     saved = {}
-    original_save = averaging._checkpoints.save
+    original_save = averaging.run.checkpoints.save
 
     def remember(file_stem, epoch_no, metrics, arrays):
         saved[epoch_no] = ({k: v.asnumpy() for k, v in arrays.items()}, dict(metrics))
         return original_save(file_stem, epoch_no, metrics, arrays)
 
-    averaging._checkpoints.save = remember
+    averaging.run.checkpoints.save = remember
     return saved
 
 
@@ -168,7 +168,9 @@ def test_checkpoints_are_module_checkpoints_and_the_end_is_the_strategy_average(
     assert sorted(saved) == [1, 2, 3]
     best = sorted(saved, key=lambda epoch: (-saved[epoch][1]["accuracy"], epoch))[:2]
     files = sorted(name for name in os.listdir(tmp_path / "out") if "averaging-state" not in name)
-    expected_files = ["model-symbol.json"] + [f"model-{e:04d}{s}" for e in sorted(best) for s in (".params", "-epoch-info.json")]
+    expected_files = ["model-symbol.json"] + [
+        f"model-{e:04d}{s}" for e in sorted(best) for s in (".params", "-epoch-info.json")
+    ]
     assert files == sorted(expected_files)
     for epoch in best:
         info = json.loads((tmp_path / "out" / f"model-{epoch:04d}-epoch-info.json").read_text())
@@ -237,9 +239,9 @@ def test_configuration_errors_name_the_culprit(caplog):
         ModuleAveraging(module, None)
     seed_everything()
     averaging = ModuleAveraging(module, avg_strategy={"type": "mean", "metric": "f1"})
-    with pytest.raises(ConfigurationError, match=r"'f1', but the evaluation records only \['accuracy', 'score'\]"):
+    with pytest.raises(ConfigurationError, match=r"'f1', but the epochs record only \['accuracy', 'score'\]"):
         averaging.fit(data_iterator(0), eval_data=data_iterator(1), **fit_arguments())
-    with caplog.at_level(logging.WARNING, logger="gluonts.modavg_plugin"):
+    with caplog.at_level(logging.WARNING, logger="modavg_plugin"):
         seed_everything()
         ModuleAveraging(new_module([mx.cpu()]), avg_strategy="mean").fit(
             data_iterator(0), eval_data=data_iterator(1), **fit_arguments()
@@ -263,7 +265,9 @@ class FailDuringEvaluation:
 def fit_until_failure(tmp_path, error: BaseException):
     seed_everything()
     module, raw, reference = new_module([mx.cpu(0)]), RawWeights(), None
-    averaging = ModuleAveraging(module, {"type": "exponential", "decay": DECAY}, checkpoint_prefix=str(tmp_path / "model"))
+    averaging = ModuleAveraging(
+        module, {"type": "exponential", "decay": DECAY}, checkpoint_prefix=str(tmp_path / "model")
+    )
     reference = ReferenceEma(module)
     with pytest.raises(type(error)):
         averaging.fit(
@@ -279,12 +283,12 @@ def fit_until_failure(tmp_path, error: BaseException):
 
 
 def test_an_exception_during_evaluation_leaves_the_raw_weights(tmp_path, caplog):
-    with caplog.at_level(logging.WARNING, logger="gluonts.modavg_plugin"):
+    with caplog.at_level(logging.WARNING, logger="modavg_plugin"):
         averaging, raw, _, final = fit_until_failure(tmp_path, RuntimeError("evaluation data broke"))
     for name, value in raw.arg_params.items():  # the raw weights of epoch 1, which evaluation interrupted
         assert_array_equal(final[name], value, err_msg=name)
     assert not averaging.moving_average.is_assigned
-    assert "training failed: the module keeps its raw weights" in caplog.text
+    assert "training failed: the network keeps its raw weights" in caplog.text
     assert os.path.exists(tmp_path / "model-0001.params")  # the checkpoint of epoch 0 stays
 
 
@@ -343,7 +347,10 @@ def test_cumulative_average_under_module_fit_is_the_mean_of_every_update():
     )
     assert len(after_each_update) == EPOCHS * 6
     arg_params, aux_params = module.get_params()
-    for name, value in {**{f"arg:{n}": v for n, v in arg_params.items()}, **{f"aux:{n}": v for n, v in aux_params.items()}}.items():
+    for name, value in {
+        **{f"arg:{n}": v for n, v in arg_params.items()},
+        **{f"aux:{n}": v for n, v in aux_params.items()},
+    }.items():
         expected = np.mean([values[name].astype(np.float64) for values in after_each_update], axis=0)
         assert_allclose(value.asnumpy(), expected, rtol=1e-5, atol=1e-6, err_msg=name)
 
@@ -366,7 +373,10 @@ def fit_recording(averaging: ModuleAveraging, module: mx.mod.Module, **overrides
 
 def module_values(module: mx.mod.Module) -> dict:
     arg_params, aux_params = module.get_params()
-    return {**{f"arg:{n}": v.asnumpy() for n, v in arg_params.items()}, **{f"aux:{n}": v.asnumpy() for n, v in aux_params.items()}}
+    return {
+        **{f"arg:{n}": v.asnumpy() for n, v in arg_params.items()},
+        **{f"aux:{n}": v.asnumpy() for n, v in aux_params.items()},
+    }
 
 
 def test_alpha_suffix_trigger_under_module_fit_averages_the_last_epochs():
@@ -420,7 +430,10 @@ def test_posthoc_snapshots_under_module_fit_are_the_power_averages_of_the_update
     seed_everything()
     module = new_module([mx.cpu(0)])
     averaging = ModuleAveraging(
-        module, "exponential", checkpoint_prefix=str(tmp_path / "model"), posthoc={"sigma_rels": [0.1], "every_epochs": 2}
+        module,
+        "exponential",
+        checkpoint_prefix=str(tmp_path / "model"),
+        posthoc={"sigma_rels": [0.1], "every_epochs": 2},
     )
     after_each_update = fit_recording(averaging, module)
     records = read_posthoc_snapshots(str(tmp_path / "posthoc"))

@@ -24,10 +24,12 @@ def test_notebook_runs_and_compares_last_iterate_with_the_ema(tmp_path):
     notebook = nbformat.read(NOTEBOOK, as_version=4)
     (parameters,) = [cell for cell in notebook.cells if "parameters" in cell.metadata.get("tags", [])]
     parameters.source = f"EPOCHS = {EPOCHS}\nBATCHES_PER_EPOCH = 5\nSEED = 0"
-    NotebookClient(notebook, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}).execute()
+    NotebookClient(
+        notebook, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}
+    ).execute()
 
     code_cells = [cell for cell in notebook.cells if cell.cell_type == "code"]
-    scores = next(cell for cell in code_cells if "pd.DataFrame({\"last iterate\"" in cell.source)
+    scores = next(cell for cell in code_cells if 'pd.DataFrame({"last iterate"' in cell.source)
     table = outputs_of(scores, "text/plain")
     assert "last iterate" in table and "EMA (decay 0.999)" in table and "MASE" in table
     # one log line per epoch from the plugin, raw against averaged validation loss

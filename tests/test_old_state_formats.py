@@ -66,7 +66,7 @@ def optimiser_step(net: mx.gluon.Block, step: int) -> None:
 def gluon_weights(net: mx.gluon.Block) -> Dict[str, np.ndarray]:
     """The weights by name relative to the network (Gluon numbers prefixes per process)."""
     prefix = net.prefix
-    return {name[len(prefix):]: parameter.data().asnumpy() for name, parameter in net.collect_params().items()}
+    return {name[len(prefix) :]: parameter.data().asnumpy() for name, parameter in net.collect_params().items()}
 
 
 def run_callback_epochs(callback, net: mx.gluon.Block, epochs: Iterable[int], first_step: int) -> None:
@@ -87,7 +87,9 @@ def resume_callback_run(folder: str) -> Dict[str, np.ndarray]:
     net = dense_network(seed=1)  # a new process: other random weights, replaced by the saved raw ones
     callback.on_train_start(max_epochs=CALLBACK_EPOCHS - CALLBACK_STOP)
     callback.on_network_initializing_end(training_network=net)
-    run_callback_epochs(callback, net, range(CALLBACK_STOP, CALLBACK_EPOCHS), first_step=CALLBACK_STOP * STEPS_PER_EPOCH)
+    run_callback_epochs(
+        callback, net, range(CALLBACK_STOP, CALLBACK_EPOCHS), first_step=CALLBACK_STOP * STEPS_PER_EPOCH
+    )
     callback.on_train_end(training_network=net)
     return gluon_weights(net)
 
@@ -177,5 +179,7 @@ def test_a_run_stopped_by_the_old_code_resumes_to_the_old_result(tmp_path, fixtu
 
     assert_same_arrays(final, os.path.join(original, EXPECTED_FINAL))
     posthoc, _ = reconstruct_posthoc(os.path.join(folder, "posthoc"), sigma_rel=POSTHOC_SIGMA_REL)
-    assert_same_arrays({name: value.asnumpy() for name, value in posthoc.items()}, os.path.join(original, EXPECTED_POSTHOC))
+    assert_same_arrays(
+        {name: value.asnumpy() for name, value in posthoc.items()}, os.path.join(original, EXPECTED_POSTHOC)
+    )
     assert folder_digest(original) == before  # the fixture itself is never touched

@@ -11,14 +11,9 @@ import numpy as np
 import pytest
 from numpy.testing import assert_allclose, assert_array_equal
 
-from modavg_plugin.checkpoints import (
-    CheckpointError,
-    WeightedSum,
-    average_checkpoint_files,
-    load_params,
-    read_array_names,
-)
-from modavg_plugin.params_files import ParamsFileReader, ParamsFormatError
+from modavg_plugin.checks import CheckpointError
+from modavg_plugin.params_files import ParamsFileReader, ParamsFormatError, load_params, read_array_names
+from modavg_plugin.weighted_sum import WeightedSum, average_checkpoint_files
 
 DTYPES = ["float32", "float16", "float64", "int32", "int64", "uint8", "int8"]
 
@@ -298,7 +293,9 @@ def test_layouts_left_to_mx_nd_load_are_size_checked_first(tmp_path, case, monke
 def test_sparse_indices_out_of_range_are_refused_before_mxnet_densifies_them(tmp_path, rows, reason):
     path = write(tmp_path / "bad-index.params", row_sparse_file(rows))
     assert ParamsFileReader().open(path) is None  # sizes are consistent: left to mx.nd.load
-    message = r"bad-index\.params is not a readable .params file \(array 'w': row indices not increasing within \[0, 4\)"
+    message = (
+        r"bad-index\.params is not a readable .params file \(array 'w': row indices not increasing within \[0, 4\)"
+    )
     with pytest.raises(CheckpointError, match=message):
         load_params(path)
 
@@ -310,7 +307,7 @@ def test_averaging_a_sparse_file_with_an_index_out_of_range_skips_it_and_does_no
     code = (
         "import logging, sys\n"
         "logging.basicConfig(level=logging.WARNING, stream=sys.stdout, format='%(message)s')\n"
-        "from modavg_plugin.checkpoints import average_checkpoint_files\n"
+        "from modavg_plugin.weighted_sum import average_checkpoint_files\n"
         f"print(average_checkpoint_files([{bad!r}, {good!r}], [0.5, 0.5])['w'].asnumpy().tolist())\n"
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)

@@ -26,7 +26,7 @@ from hypothesis import strategies as st
 from numpy.testing import assert_allclose
 
 from modavg_plugin import AveragingStrategy, CheckpointError
-from modavg_plugin.checkpoints import average_arrays, average_checkpoint_files, check_weights, normalised_weights
+from modavg_plugin.weighted_sum import average_arrays, average_checkpoint_files, check_weights, normalised_weights
 
 QUICK = settings(max_examples=200, deadline=None, database=None)
 SLOW = settings(max_examples=40, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow])

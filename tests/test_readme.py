@@ -13,11 +13,11 @@ REPOSITORY_ROOT = pathlib.Path(__file__).resolve().parent.parent
 if str(REPOSITORY_ROOT) not in sys.path:
     sys.path.insert(0, str(REPOSITORY_ROOT))  # tools/ is not installed with the package
 
-from modavg_plugin import ExponentialMovingAverage, Registrable  # noqa: E402
-from modavg_plugin.module import ModuleAveraging  # noqa: E402
-from tools import configuration_reference, readme_sections  # noqa: E402
-from tools.configuration_reference import DocumentationError  # noqa: E402
-from tools.readme_sections import ReadmeSectionError, render_readme  # noqa: E402
+from modavg_plugin import ExponentialMovingAverage, Registrable
+from modavg_plugin.module import ModuleAveraging
+from tools import configuration_reference, readme_sections
+from tools.configuration_reference import DocumentationError
+from tools.readme_sections import ReadmeSectionError, render_readme
 
 README = (REPOSITORY_ROOT / "README.md").read_text(encoding="utf-8")
 

@@ -10,18 +10,21 @@ import numpy as np
 import pytest
 from gluonts.mx.trainer.callback import Callback
 from numpy.testing import assert_allclose
+from test_callbacks import train
 
 from modavg_plugin import AveragingCallback, ConfigurationError, ExponentialAveragingCallback
-from modavg_plugin.callbacks import STATE_NAME
-from modavg_plugin.checkpoints import read_state_file
-
-from test_callbacks import train
+from modavg_plugin.files import read_state_file
+from modavg_plugin.run import STATE_NAME
 
 
 def read_weights(network: mx.gluon.Block) -> Dict[str, np.ndarray]:
     """The weights by name relative to the network (Gluon numbers prefixes per process: dense0_, dense1_)."""
     prefix = network.prefix
-    return {name[len(prefix):]: parameter.data().asnumpy().astype(np.float64) for name, parameter in network.collect_params().items()}
+    return {
+        name[len(prefix) :]: parameter.data().asnumpy().astype(np.float64)
+        for name, parameter in network.collect_params().items()
+    }
+
 
 STEPS_PER_EPOCH = 3
 SCORES = [5.0, 1.0, 4.0, 3.0, 2.0, 6.0]  # best two: epoch 1 (before the stop) and epoch 4 (after)
@@ -85,7 +88,9 @@ def test_resumed_run_ends_with_the_weights_of_an_uninterrupted_one(tmp_path, cal
     def make(folder, resume=False):
         settings = config(str(folder), resume)
         if callback_type == "checkpoints":
-            settings = {key: settings[key] for key in ("avg_strategy", "checkpoint_dir", "resume")} | {"type": "checkpoints"}
+            settings = {key: settings[key] for key in ("avg_strategy", "checkpoint_dir", "resume")} | {
+                "type": "checkpoints"
+            }
         return AveragingCallback.from_config(settings)
 
     expected_net = network()
@@ -143,10 +148,10 @@ def test_resume_without_saved_state_starts_afresh_and_resume_needs_a_folder(tmp_
     callback.on_train_start(max_epochs=1)
     before = read_weights(net)
     callback.on_network_initializing_end(training_network=net)
-    assert callback.epochs_before == 0 and callback.num_updates == 0
+    assert callback.run.epochs_done == 0 and callback.num_updates == 0
     for name, value in read_weights(net).items():
         assert_allclose(value, before[name], rtol=0, atol=0)
-    with pytest.raises(ConfigurationError, match="resume=True needs checkpoint_dir"):
+    with pytest.raises(ConfigurationError, match="resume=True needs a checkpoint folder"):
         AveragingCallback.from_config({"resume": True})
 
 
@@ -156,7 +161,7 @@ def test_real_gluonts_runs_resume_the_average_and_the_epoch_count(tmp_path):
     train(first, epochs=2, batches=3)
     state, arrays, _ = read_state_file(str(tmp_path / STATE_NAME))
     assert state["epochs_done"] == 2 and state["num_updates"] == 6
-    saved_raw = {name[len("raw:"):]: value.asnumpy() for name, value in arrays.items() if name.startswith("raw:")}
+    saved_raw = {name[len("raw:") :]: value.asnumpy() for name, value in arrays.items() if name.startswith("raw:")}
 
     class FirstWeights(Callback):
         def on_network_initializing_end(self, training_network, **kwargs) -> None:
@@ -175,7 +180,9 @@ def test_real_gluonts_runs_resume_the_average_and_the_epoch_count(tmp_path):
     ]
 
 
-def run_with_failing_saves(monkeypatch, module, failure: Callable[[str], Optional[OSError]], folder: str, epochs: int) -> None:
+def run_with_failing_saves(
+    monkeypatch, module, failure: Callable[[str], Optional[OSError]], folder: str, epochs: int
+) -> None:
     """Drive ``epochs`` epochs while ``module.save_params`` raises ``failure(path)`` when that is not ``None``."""
     real_save = module.save_params
 
@@ -197,19 +204,24 @@ def test_a_full_disk_keeps_training_and_the_last_good_checkpoint(tmp_path, monke
         full = any(f"epoch-{epoch:04d}" in path for epoch in (2, 3))
         return OSError(errno.ENOSPC, "No space left on device", path) if full else None
 
-    with caplog.at_level(logging.WARNING, logger="gluonts.modavg_plugin"):
+    with caplog.at_level(logging.WARNING, logger="modavg_plugin"):
         run_with_failing_saves(monkeypatch, checkpoint_log, disk_full_in_epochs_2_and_3, str(tmp_path), epochs=6)
     warnings = [record.getMessage() for record in caplog.records if "No space left" in record.getMessage()]
     assert len(warnings) == 2 and "epoch 2" in warnings[0] and "training goes on" in warnings[0]
     # epochs 2 and 3 were never saved; the two best of the others (1 and 4) are kept, nothing else
     kept = sorted(name for name in os.listdir(tmp_path) if name.startswith("epoch-"))
-    assert kept == ["epoch-0001-epoch-info.json", "epoch-0001.params", "epoch-0004-epoch-info.json", "epoch-0004.params"]
+    assert kept == [
+        "epoch-0001-epoch-info.json",
+        "epoch-0001.params",
+        "epoch-0004-epoch-info.json",
+        "epoch-0004.params",
+    ]
     assert not [name for name in os.listdir(tmp_path) if name.startswith(".tmp-")]
 
 
 def test_a_failed_state_save_leaves_the_previous_state_whole(tmp_path, monkeypatch, caplog):
     """The state is one file: a kill (here, a failing write) mid-save cannot pair one epoch's counters with another's arrays."""
-    import modavg_plugin.checkpoints as checkpoints
+    import modavg_plugin.files as files
 
     state_saves: List[str] = []
 
@@ -217,9 +229,9 @@ def test_a_failed_state_save_leaves_the_previous_state_whole(tmp_path, monkeypat
         state_saves.extend([path] if STATE_NAME in path else [])
         return OSError(errno.EIO, "Input/output error", path) if STATE_NAME in path and len(state_saves) == 3 else None
 
-    with caplog.at_level(logging.WARNING, logger="gluonts.modavg_plugin"):
-        run_with_failing_saves(monkeypatch, checkpoints, third_state_save_fails, str(tmp_path), epochs=3)
-    assert "could not save the callback's state" in caplog.text
+    with caplog.at_level(logging.WARNING, logger="modavg_plugin"):
+        run_with_failing_saves(monkeypatch, files, third_state_save_fails, str(tmp_path), epochs=3)
+    assert "could not save the averaging state" in caplog.text
     state, arrays, _ = read_state_file(str(tmp_path / STATE_NAME))
     assert state["epochs_done"] == 2 and state["num_updates"] == 2 * STEPS_PER_EPOCH
     expected = network()
@@ -325,14 +337,20 @@ def test_resumed_run_continues_the_trigger_and_the_posthoc_snapshots(tmp_path):
         raw_weights_at(step, reference)
         at_step.append(read_weights(reference))
     for name, value in read_weights(fresh).items():
-        assert_allclose(value, np.mean([weights[name] for weights in at_step], axis=0), rtol=1e-5, atol=1e-6, err_msg=name)
+        assert_allclose(
+            value, np.mean([weights[name] for weights in at_step], axis=0), rtol=1e-5, atol=1e-6, err_msg=name
+        )
         assert_allclose(value, read_weights(whole_net)[name], rtol=1e-6, atol=1e-7, err_msg=name)
     snapshots = sorted(os.listdir(tmp_path / "whole" / "posthoc"))
     assert snapshots == sorted(os.listdir(tmp_path / "split" / "posthoc"))
-    assert [name for name in snapshots if name.endswith(".params")] == [f"posthoc-{s:08d}-0.params" for s in (6, 12, 18)]
+    assert [name for name in snapshots if name.endswith(".params")] == [
+        f"posthoc-{s:08d}-0.params" for s in (6, 12, 18)
+    ]
     for name in snapshots:
         if name.endswith(".params"):
             whole_values = mx.nd.load(str(tmp_path / "whole" / "posthoc" / name))
             split_values = mx.nd.load(str(tmp_path / "split" / "posthoc" / name))
             for key, value in whole_values.items():
-                assert_allclose(split_values[key].asnumpy(), value.asnumpy(), rtol=1e-6, atol=1e-7, err_msg=f"{name} {key}")
+                assert_allclose(
+                    split_values[key].asnumpy(), value.asnumpy(), rtol=1e-6, atol=1e-7, err_msg=f"{name} {key}"
+                )

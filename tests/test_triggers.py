@@ -88,7 +88,7 @@ def test_nta_state_round_trip_continues_identically():
 @pytest.mark.parametrize(
     "config, message",
     [
-        ({"type": "nta", "n": 0}, r"n must be an integer >= 1, got 0.*alpha_suffix"),
+        ({"type": "nta", "n": 0}, r"n must be an integer >= 1, got 0"),
         ({"type": "nta", "fallback_alpha": 1.5}, r"fallback_alpha must be a number in \[0, 1\], got 1.5"),
         ({"type": "alpha_suffix", "alpha": "half"}, r"alpha must be a number in \[0, 1\], got 'half'"),
         ({"type": "ntaa"}, r"'ntaa' is not a registered AveragingTrigger.*did you mean 'nta'"),

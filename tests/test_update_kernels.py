@@ -22,9 +22,9 @@ from modavg_plugin.update_kernels import (
 SHAPES = [(3,), (2, 5), (1,), (70000,), (4, 3, 2)] * 27  # 135 arrays: more than two multi-tensor chunks
 
 
-def random_arrays(shapes, dtype, seed, ctx=mx.cpu()) -> List[mx.nd.NDArray]:
+def random_arrays(shapes, dtype, seed, ctx=None) -> List[mx.nd.NDArray]:
     rng = np.random.RandomState(seed)
-    return [mx.nd.array(rng.randn(*shape), dtype=dtype, ctx=ctx) for shape in shapes]
+    return [mx.nd.array(rng.randn(*shape), dtype=dtype, ctx=ctx or mx.cpu()) for shape in shapes]
 
 
 def plain_formula(shadows: List[np.ndarray], values: List[np.ndarray], decay: float) -> List[np.ndarray]:

@@ -195,7 +195,9 @@ def constructor_arguments(cls: type, documented_in: Sequence[type]) -> List[Argu
     return [
         Argument(
             name=("**" if parameter.kind is inspect.Parameter.VAR_KEYWORD else "") + parameter.name,
-            annotation="" if parameter.kind is inspect.Parameter.VAR_KEYWORD else render_annotation(hints.get(parameter.name, parameter.annotation)),
+            annotation=""
+            if parameter.kind is inspect.Parameter.VAR_KEYWORD
+            else render_annotation(hints.get(parameter.name, parameter.annotation)),
             default=_default_of(parameter),
             description=_argument_description(cls, parameter.name, documented_in),
         )

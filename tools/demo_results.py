@@ -35,7 +35,7 @@ def demo_results() -> str:
         f"{settings['epochs']} epochs x {settings['batches_per_epoch']} batches, Adam at "
         f"{settings['learning_rate']:g}, seeds {', '.join(str(seed) for seed in settings['seeds'])}; "
         f"the whole demo took {measured['wall_seconds'] / 60:.1f} minutes with {measured['workers']} worker processes "
-        f"(so \"train s\", the mean seconds per training run, is with two runs sharing the cores). "
+        f'(so "train s", the mean seconds per training run, is with two runs sharing the cores). '
         f"Mean ± standard deviation over the seeds (ddof=1); lower is better for every score.",
     ]
     for dataset, by_method in results["summary"].items():

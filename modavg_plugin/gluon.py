@@ -1,0 +1,135 @@
+"""Gluon networks as hosts: their parameters by stable names, and validation passes with the averages in.
+
+Used by the GluonTS callbacks and by plain Gluon loops alike; nothing here
+imports GluonTS.
+"""
+
+import math
+from typing import Any, Callable, List, Optional, Sequence, Tuple
+
+import mxnet as mx
+
+from .parameters import NamedParameters, named_parameters
+
+__all__ = ["AveragedValidation", "mean_loss", "network_parameters"]
+
+
+def network_parameters(network: mx.gluon.Block) -> NamedParameters:
+    """All of ``network.collect_params()``, named without the network's own prefix.
+
+    Gluon numbers block prefixes per process (``...network0_``,
+    ``...network1_``), so full names differ between two runs in one process;
+    names relative to the network do not, and a resumed run's checkpoints
+    match the earlier run's.
+    """
+    prefix = network.prefix
+    return named_parameters(
+        (name[len(prefix) :] if prefix and name.startswith(prefix) else name, parameter)
+        for name, parameter in network.collect_params().items()
+    )
+
+
+class AveragedValidation:
+    """Validation forward passes with the averages swapped in, one pass at a time.
+
+    While attached to a network, each forward pass of it (the trainer's
+    validation batches) runs with the averages swapped in by
+    ``swap_average``, and ``swap_raw`` puts the raw weights back right after
+    the pass, also when it raises (the hook then detaches itself). Between
+    batches, and whatever happens, the network holds its raw weights. With
+    ``measure_raw``, a second pass on the same inputs measures the raw
+    weights' loss, summarised as GluonTS's trainer does: the first output
+    (or the only one), averaged over all its elements; batches whose
+    averaged loss is not finite are skipped, as the trainer skips them.
+
+    Parameters
+    ----------
+    swap_average, swap_raw
+        Put the averages in the network, and the raw weights back.
+    measure_raw
+        Also measure the raw weights' loss (one more forward pass a batch).
+    keep_inputs
+        Keep the inputs of the passes since :meth:`attach` in :attr:`inputs`
+        (references to the batches, no copies), for evaluating other weights
+        on the same validation data later.
+    """
+
+    def __init__(
+        self,
+        swap_average: Callable[[], None],
+        swap_raw: Callable[[], None],
+        measure_raw: bool,
+        keep_inputs: bool = False,
+    ) -> None:
+        self._swap_average = swap_average
+        self._swap_raw = swap_raw
+        self.measure_raw = measure_raw
+        self.keep_inputs = keep_inputs
+        self.inputs: List[Tuple[Any, ...]] = []
+        self._network: Optional[mx.gluon.Block] = None
+        self._total = 0.0
+        self._count = 0
+
+    def attach(self, network: mx.gluon.Block) -> None:
+        """Start on ``network`` (forgetting any earlier measurement)."""
+        self.detach()
+        self._total, self._count, self.inputs = 0.0, 0, []
+        original_forward = network.forward
+
+        def averaged_forward(*inputs: Any) -> Any:
+            return self._averaged_pass(original_forward, inputs)
+
+        network.forward = averaged_forward  # Block.__call__ calls self.forward: this instance attribute first
+        self._network = network
+
+    def detach(self) -> None:
+        """Stop: the network's own ``forward`` again; the raw loss so far stays readable."""
+        if self._network is not None and "forward" in vars(self._network):
+            del self._network.forward
+        self._network = None
+
+    @property
+    def raw_loss(self) -> float:
+        """Mean raw loss per element over the measured batches (NaN before any)."""
+        return self._total / self._count if self._count else math.nan
+
+    def _averaged_pass(self, forward: Callable[..., Any], inputs: Sequence[Any]) -> Any:
+        if self.keep_inputs:
+            self.inputs.append(tuple(inputs))
+        with mx.autograd.pause():  # validation runs inside autograd.record(): no swapping there
+            self._swap_average()
+        try:
+            output = forward(*inputs)
+        except BaseException:
+            self.detach()
+            raise
+        finally:
+            with mx.autograd.pause():
+                self._swap_raw()
+        if self.measure_raw and math.isfinite(float(_loss_of(output).sum().asscalar())):
+            with mx.autograd.pause():
+                raw_loss = _loss_of(forward(*inputs))
+            self._total += float(raw_loss.sum().asscalar())
+            self._count += raw_loss.size
+        return output
+
+
+def _loss_of(output: Any) -> mx.nd.NDArray:
+    """The loss among a network's outputs: the first of several, as GluonTS takes it."""
+    return output[0] if isinstance(output, (list, tuple)) else output
+
+
+def mean_loss(network: mx.gluon.Block, batches: Sequence[Sequence[Any]]) -> float:
+    """The network's mean loss per element over ``batches``, as GluonTS's trainer sums validation.
+
+    Predict mode, no gradient; batches whose loss is not finite are skipped
+    (as the trainer skips them); NaN when none is left.
+    """
+    total, count = 0.0, 0
+    with mx.autograd.pause(train_mode=False):
+        for inputs in batches:
+            loss = _loss_of(network(*inputs))
+            batch_total = float(loss.sum().asscalar())
+            if math.isfinite(batch_total):
+                total, count = total + batch_total, count + loss.size
+    return total / count if count else math.nan

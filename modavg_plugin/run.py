@@ -1,0 +1,585 @@
+"""One training run's averaging, whatever loop runs it: the engine every adapter drives.
+
+An :class:`AveragingRun` owns the averaging of one training run: the moving
+average and the trigger that starts it, the post-hoc snapshots, the
+per-epoch checkpoints and their pruning, the update counter, the one
+resume-state file, and the final choice of weights (the strategy, its
+fallback, the greedy soup's evaluation). Its configuration is checked once,
+here, when it is built. It never imports GluonTS or Module code: a host (the
+GluonTS callbacks, :class:`~modavg_plugin.module.ModuleAveraging`, a plain
+Gluon loop) gives it the parameters, and where the host differs, how to
+write arrays into the network and how to measure the validation loss, and
+calls it from its hooks. A plain Gluon loop::
+
+    run = AveragingRun({"type": "exponential", "decay": 0.99}, avg_strategy="mean", checkpoint_dir="out")
+    run.resume()                                   # with resume=True: weights and counters back
+    run.start(net.collect_params().items(), epochs_ahead=epochs - run.epochs_done)
+    for epoch in range(run.epochs_done, epochs):
+        for data, label in batches:
+            ...; trainer.step(batch_size); run.step()
+        with run.averaged():                       # validate the averages
+            loss = validation_loss(net)
+        run.end_epoch(score=loss)
+    run.finish(measure=lambda: validation_loss(net))
+"""
+
+import contextlib
+import logging
+import math
+import os
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Mapping, Optional, Tuple, Union
+
+import mxnet as mx
+
+from .averages import MovingAverage
+from .checkpoint_log import CheckpointLog
+from .checks import CheckpointError, check_integer
+from .files import arrays_named, read_state_file, save_state_file
+from .parameters import (
+    DeviceArrays,
+    NamedParameters,
+    ParameterLike,
+    as_context,
+    device_copies,
+    named_parameters,
+    write_into_parameters,
+)
+from .registry import ConfigurationError, constructor_parameters
+from .snapshots import DEFAULT_SIGMA_RELS, PostHocSnapshots, check_no_earlier_snapshots, check_sigma_rels
+from .strategies import AveragingStrategy, Evaluation
+from .triggers import AveragingTrigger, trigger_from_config
+
+__all__ = ["STATE_NAME", "AveragingRun", "ResumedState"]
+
+logger = logging.getLogger(__name__)
+
+STATE_NAME = "averaging-state.params"
+"""The resume state's file in the checkpoint folder (the Module adapter prefixes its file stem)."""
+STATE_FORMAT = 1
+POSTHOC_FOLDER = "posthoc"
+"""Post-hoc snapshots go to ``{checkpoint_dir}/posthoc``."""
+POSTHOC_DEFAULTS: Mapping[str, Any] = {"sigma_rels": list(DEFAULT_SIGMA_RELS), "every_epochs": 1}
+POSTHOC_ARRAYS = "posthoc:"  # the post-hoc EMAs' arrays in a state file: average:posthoc:INDEX/NAME
+HIGHER_IS_BETTER = ("accuracy", "acc", "top_k_accuracy", "f1", "mcc", "pearsonr", "pcc")
+Write = Callable[[Mapping[str, mx.nd.NDArray]], None]
+AverageConfig = Union[None, str, Mapping[str, Any]]
+StrategyConfig = Union[None, str, Mapping[str, Any], AveragingStrategy]
+
+
+@dataclass(frozen=True)
+class ResumedState:
+    """What :meth:`AveragingRun.resume` read for the host: the raw weights, and the host's own saved parts."""
+
+    raw: Dict[str, mx.nd.NDArray]
+    extras: Dict[str, Any]  # the JSON-ready values the host's ``state_extras`` gave
+    blobs: Dict[str, bytes]
+
+
+class AveragingRun:
+    """The averaging of one training run: average, trigger, snapshots, checkpoints, resume state, final weights.
+
+    Parameters
+    ----------
+    average
+        A :class:`~modavg_plugin.MovingAverage` config, without
+        ``parameters`` and ``shadow_context``: a name (``"exponential"``) or a
+        dict (``{"type": "cumulative", "eta": 0}``); ``None``: no moving
+        average (each epoch's raw weights are the checkpoints).
+    avg_strategy
+        An :class:`~modavg_plugin.AveragingStrategy` or its config: the run
+        ends with its average of the kept per-epoch checkpoints; ``None``: with
+        the final moving average. Needed when ``average`` is ``None``.
+    checkpoint_dir
+        Folder for the per-epoch checkpoints and the resume state, kept;
+        ``None``: a temporary folder, removed at the end (no resume state).
+    resume
+        ``True``: :meth:`resume` continues from the state an earlier, stopped
+        run saved in ``checkpoint_dir``. Needs ``checkpoint_dir``.
+    trigger
+        An :class:`~modavg_plugin.AveragingTrigger` config that starts the
+        average at an epoch's end, fed the epoch's score (``{"type": "nta",
+        "n": 5}``); ``None``: the average's own ``start_step``.
+    posthoc
+        Keep post-hoc EMA snapshots in ``{checkpoint_dir}/posthoc``:
+        ``{"sigma_rels": [0.05, 0.10], "every_epochs": 1}`` (the defaults of
+        the keys). Needs ``checkpoint_dir``.
+    shadow_context
+        Where the averages live (also the post-hoc ones): an ``mx.Context`` or
+        text such as ``"cpu"``, ``"gpu(1)"``; ``None``: each parameter's
+        first device copy.
+    file_stem
+        Checkpoints are ``{file_stem}-NNNN.params`` with their
+        ``{file_stem}-NNNN-epoch-info.json``.
+    first_epoch_no
+        The ``epoch_no`` (and NNNN) of the first epoch: 0 (GluonTS) or 1
+        (``Module`` numbers checkpoints by epochs done).
+    state_name
+        The resume state's file name in ``checkpoint_dir``.
+    metric_names
+        The metrics the host records besides ``score``, when known in
+        advance (``avg_strategy.metric`` is then checked now); ``None``:
+        checked at the first epoch's end.
+    """
+
+    def __init__(
+        self,
+        average: AverageConfig = "exponential",
+        avg_strategy: StrategyConfig = None,
+        checkpoint_dir: Optional[str] = None,
+        *,
+        resume: bool = False,
+        trigger: Optional[Mapping[str, Any]] = None,
+        posthoc: Optional[Mapping[str, Any]] = None,
+        shadow_context: Union[None, str, mx.Context] = None,
+        file_stem: str = "epoch",
+        first_epoch_no: int = 0,
+        state_name: str = STATE_NAME,
+        metric_names: Optional[Iterable[str]] = None,
+    ) -> None:
+        self.average_config = checked_average_config(average)
+        self.strategy = strategy_from_config(avg_strategy)
+        if self.average_config is None and self.strategy is None:
+            raise ConfigurationError("give a moving average, an avg_strategy, or both")
+        if resume and checkpoint_dir is None:
+            raise ConfigurationError("resume=True needs a checkpoint folder: where the earlier run saved its state")
+        if trigger is not None and self.average_config is None:
+            raise ConfigurationError("a trigger starts a moving average: give average too")
+        self.trigger: Optional[AveragingTrigger] = trigger_from_config(trigger, self.average_config or {})
+        self.posthoc_options = posthoc_options(posthoc, checkpoint_dir)
+        self.shadow_context = as_context(shadow_context)
+        self.checkpoint_dir = None if checkpoint_dir is None else os.fspath(checkpoint_dir)
+        self.resume_requested = bool(resume)
+        self.file_stem = file_stem
+        self.first_epoch_no = check_integer("first_epoch_no", first_epoch_no, 0)
+        self.state_name = state_name
+        if metric_names is not None:
+            self._check_strategy_metric({name: math.nan for name in metric_names})
+        self.writer = True  # False on the workers of a distributed job other than rank 0
+        self.saves_state = True  # False where the host cannot resume (a distributed kvstore)
+        self.moving_average: Optional[MovingAverage] = None
+        self.posthoc_snapshots: Optional[PostHocSnapshots] = None
+        self.checkpoints = CheckpointLog(self.strategy, self.checkpoint_dir)
+        self.history: List[Dict[str, Any]] = []
+        self.num_updates = 0
+        self.epochs_done = 0
+        self.max_epochs: Optional[int] = None
+        self.resumed = False
+        self._parameters: Optional[NamedParameters] = None
+        self._write: Write = self._write_into_parameters
+        self._pending: Optional[Tuple[Dict[str, Any], Dict[str, mx.nd.NDArray]]] = None
+        self._metric_checked = metric_names is not None
+
+    @property
+    def state_path(self) -> Optional[str]:
+        """The resume state's file, ``None`` without a checkpoint folder."""
+        return None if self.checkpoint_dir is None else os.path.join(self.checkpoint_dir, self.state_name)
+
+    # Starting -----------------------------------------------------------------
+
+    def resume(self) -> Optional[ResumedState]:
+        """With ``resume=True`` and a saved state: take back the counters, records and history.
+
+        The averages, trigger and post-hoc EMAs are restored when
+        :meth:`start` builds them; the raw weights (and the host's extras) are
+        returned for the host to put back. ``None`` when there is nothing to
+        resume from (the run starts afresh).
+
+        Raises
+        ------
+        CheckpointError
+            The state file is unreadable or not one this library wrote.
+        """
+        if not self.resume_requested or not os.path.isfile(str(self.state_path)):
+            return None
+        state, arrays, blobs = read_state_file(str(self.state_path))
+        self.checkpoints.restore(state.get("records", []))
+        self.history = [dict(entry) for entry in state.get("history", [])]
+        self.epochs_done = check_integer("the saved 'epochs_done'", state.get("epochs_done"), 0, CheckpointError)
+        self.num_updates = check_integer("the saved 'num_updates'", state.get("num_updates", 0), 0, CheckpointError)
+        self._pending = (state, arrays)
+        self.resumed = True
+        logger.info(
+            "resuming after %d epochs and %d updates from %s", self.epochs_done, self.num_updates, self.state_path
+        )
+        known = {"format", "epochs_done", "num_updates", "history", "records", "trigger", "posthoc"}
+        known |= {"num_applied", "num_steps", "start_step"}
+        extras = {key: value for key, value in state.items() if key not in known}
+        return ResumedState(arrays_named(arrays, "raw:"), extras, blobs)
+
+    def start(
+        self,
+        parameters: Iterable[Tuple[str, ParameterLike]],
+        write: Optional[Write] = None,
+        epochs_ahead: Optional[int] = None,
+    ) -> None:
+        """Track ``parameters`` from their current values (again, as long as no step was taken).
+
+        Parameters
+        ----------
+        parameters
+            ``(name, Parameter)`` pairs (or :class:`DeviceArrays`), every one
+            initialised: what is averaged, checkpointed and written back.
+        write
+            ``write(arrays)`` puts arrays by name into the network; ``None``:
+            copied into every device copy of ``parameters``.
+        epochs_ahead
+            How many epochs this training will run (a trigger needs it).
+        """
+        self._parameters = named_parameters(parameters)
+        self._write = write or self._write_into_parameters
+        self.expect_epochs(epochs_ahead)
+        self.max_epochs = None if epochs_ahead is None else self.epochs_done + int(epochs_ahead)
+        if self.posthoc_options is not None and not self.resumed and self.posthoc_snapshots is None:
+            check_no_earlier_snapshots(self.posthoc_options["folder"])
+        if self.average_config is not None:
+            config = dict(self.average_config, shadow_context=self.shadow_context)
+            if self.trigger is not None:
+                config["start_step"] = None  # the trigger starts it
+            self.moving_average = MovingAverage.from_config(config, parameters=self._parameters)
+        if self.posthoc_options is not None:
+            options = self.posthoc_options
+            self.posthoc_snapshots = PostHocSnapshots(
+                self._parameters, options["folder"], options["sigma_rels"], self.shadow_context
+            )
+        if self._pending is not None:
+            self._load_pending(*self._pending)
+
+    def expect_epochs(self, epochs_ahead: Optional[int]) -> None:
+        """:class:`ConfigurationError` when a trigger is configured and the number of epochs to run is unknown."""
+        if self.trigger is not None and epochs_ahead is None:
+            raise ConfigurationError(
+                "a trigger needs the number of epochs to run (num_epoch): its rules count in epochs"
+            )
+
+    def _load_pending(self, state: Mapping[str, Any], arrays: Mapping[str, mx.nd.NDArray]) -> None:
+        averages = arrays_named(arrays, "average:")
+        if self.moving_average is not None:
+            if "num_applied" not in state:
+                raise CheckpointError(
+                    f"cannot resume from {self.state_path}: it holds no moving average, this run has one"
+                )
+            shadows = {name: value for name, value in averages.items() if not name.startswith(POSTHOC_ARRAYS)}
+            self.moving_average.load_state_dict({**state, "shadows": shadows})
+        if self.trigger is not None:
+            self.trigger.load_state_dict(state.get("trigger", {}))
+        if self.posthoc_snapshots is not None and "posthoc" in state:
+            posthoc_arrays = arrays_named(averages, POSTHOC_ARRAYS) or arrays_named(arrays, POSTHOC_ARRAYS)
+            self.posthoc_snapshots.load_state(state["posthoc"], posthoc_arrays)
+
+    # Training -----------------------------------------------------------------
+
+    def step(self) -> None:
+        """One optimiser step happened: move the averages."""
+        self.num_updates += 1
+        self._pending = None
+        if self.moving_average is not None:
+            self.moving_average.apply(num_updates=self.num_updates)
+        if self.posthoc_snapshots is not None:
+            self.posthoc_snapshots.apply()
+
+    def swap_average(self) -> None:
+        """Put the averages into the network (the raw weights kept); nothing without a moving average."""
+        if self.moving_average is not None:
+            self.moving_average.assign_average_value()
+
+    def swap_raw(self) -> None:
+        """Put the raw weights back after :meth:`swap_average` (nothing when they are in)."""
+        if self.moving_average is not None:
+            self.moving_average.restore()
+
+    @contextlib.contextmanager
+    def averaged(self) -> Iterator[None]:
+        """The averages in the network inside the ``with`` block, the raw weights back afterwards (also on error)."""
+        self.swap_average()
+        try:
+            yield
+        finally:
+            self.swap_raw()
+
+    def raw_weights(self) -> Dict[str, mx.nd.NDArray]:
+        """The network's current weights by name: the first device copies (not copies of them)."""
+        return {name: device_copies(name, parameter)[0] for name, parameter in self._tracked()}
+
+    def epoch_weights(self) -> Dict[str, mx.nd.NDArray]:
+        """What a checkpoint holds: the averages, and the raw values of what is not averaged."""
+        weights = self.raw_weights()
+        if self.moving_average is not None:
+            weights.update(self.moving_average.shadows)
+        return weights
+
+    def end_epoch(
+        self,
+        score: float,
+        metrics: Optional[Mapping[str, float]] = None,
+        notes: Optional[Mapping[str, float]] = None,
+        state_extras: Optional[Callable[[], Tuple[Dict[str, Any], Dict[str, bytes]]]] = None,
+    ) -> Optional[str]:
+        """An epoch ended: maybe start the average, save the checkpoint and the state, log the epoch.
+
+        Parameters
+        ----------
+        score
+            The epoch's score: what the strategy ranks (as ``score``) and the
+            trigger is fed; the validation loss, else the training loss.
+        metrics
+            Further metrics to record in the epoch info, by name.
+        notes
+            Values for :attr:`history` only (e.g. the raw weights' loss).
+        state_extras
+            Called when the state is saved: the host's own JSON-ready values
+            and bytes to keep in the state file (returned by :meth:`resume`).
+
+        Returns
+        -------
+        Optional[str]
+            The checkpoint written; ``None`` when none was (not the writer, or a failed write).
+        """
+        self.swap_raw()
+        metrics = {str(name): float(value) for name, value in (metrics or {}).items()}
+        if not self._metric_checked:
+            self._check_strategy_metric(metrics)
+            self._metric_checked = True
+        self.epochs_done += 1
+        epoch_no = self.epochs_done - 1 + self.first_epoch_no
+        self._consult_trigger(float(score))
+        self.checkpoints.writer = self.writer
+        record = {**metrics, "score": float(score)}
+        path = self.checkpoints.save(f"{self.file_stem}-{epoch_no:04d}", epoch_no, record, self.epoch_weights())
+        every = self.posthoc_options["every_epochs"] if self.posthoc_options is not None else 0
+        if self.posthoc_snapshots is not None and self.writer and self.epochs_done % every == 0:
+            self.posthoc_snapshots.save_new()
+        self.history.append({"epoch_no": epoch_no, **(notes or {}), **metrics})
+        if self.checkpoint_dir is not None and self.writer and self.saves_state:
+            self._save_state(state_extras)
+        logger.info("epoch %d: %s", epoch_no, self._describe(self.history[-1]))
+        return path
+
+    def _consult_trigger(self, score: float) -> None:
+        average = self.moving_average
+        if self.trigger is None or average is None:
+            return
+        if self.trigger.start_if_due(average, self.epochs_done, score, int(self.max_epochs or 0)):
+            name = AveragingTrigger.name_of(type(self.trigger)) or type(self.trigger).__name__
+            logger.info(
+                "the %s trigger starts the average after epoch %d (update %d)", name, self.epochs_done, self.num_updates
+            )
+
+    def _describe(self, entry: Mapping[str, Any]) -> str:
+        kept = f"{len(self.checkpoints.records)} checkpoint(s) kept"
+        if "validation_loss" in entry and "raw_validation_loss" in entry:
+            averaged, raw = entry["validation_loss"], entry["raw_validation_loss"]
+            change = f" ({(averaged - raw) / abs(raw):+.1%})" if raw else ""
+            return f"validation loss {averaged:.6g} with the moving average, {raw:.6g} with the raw weights{change}; {kept}"
+        values = [f"{name.replace('_', ' ')} {value:.6g}" for name, value in entry.items() if name != "epoch_no"]
+        if self.moving_average is not None:
+            values.insert(0, f"moving average after {self.num_updates} updates")
+        return "; ".join([", ".join(values), kept]) if values else kept
+
+    def _check_strategy_metric(self, metrics: Mapping[str, float]) -> None:
+        """The strategy's metric is recorded, and its direction is plausible (a warning if not)."""
+        if self.strategy is None:
+            return
+        name = self.strategy.metric
+        if name != "score" and name not in metrics:
+            recorded = sorted(set(metrics) | {"score"})
+            raise ConfigurationError(f"avg_strategy.metric is {name!r}, but the epochs record only {recorded}")
+        measured = (next(iter(metrics), "loss") if name == "score" else name).lower()
+        if measured.startswith(HIGHER_IS_BETTER) and not self.strategy.maximize:
+            logger.warning(
+                "avg_strategy ranks %r (= %s) lowest first; %s is better when higher: pass maximize=True",
+                name,
+                measured,
+                measured,
+            )
+        elif "loss" in measured and self.strategy.maximize:
+            logger.warning(
+                "avg_strategy ranks %r (= %s) highest first; a loss is better when lower: drop maximize=True",
+                name,
+                measured,
+            )
+
+    # Resume state --------------------------------------------------------------
+
+    def _save_state(self, state_extras: Optional[Callable[[], Tuple[Dict[str, Any], Dict[str, bytes]]]]) -> None:
+        """Everything a resumed run needs, in one file written atomically; a failure is a warning."""
+        state: Dict[str, Any] = {
+            "format": STATE_FORMAT,
+            "epochs_done": self.epochs_done,
+            "num_updates": self.num_updates,
+        }
+        state.update(history=self.history, records=self.checkpoints.state())
+        arrays = {f"raw:{name}": value for name, value in self.raw_weights().items()}
+        if self.moving_average is not None:
+            state.update(self.moving_average.counters())
+            arrays.update({f"average:{name}": value for name, value in self.moving_average.shadows.items()})
+        if self.trigger is not None:
+            state["trigger"] = self.trigger.state_dict()
+        if self.posthoc_snapshots is not None:
+            state["posthoc"] = self.posthoc_snapshots.counters()
+            posthoc_arrays = self.posthoc_snapshots.state_arrays().items()
+            arrays.update({f"average:{POSTHOC_ARRAYS}{name}": value for name, value in posthoc_arrays})
+        try:
+            extras, blobs = state_extras() if state_extras is not None else ({}, {})
+            save_state_file(str(self.state_path), {**state, **extras}, arrays, blobs)
+        except OSError as error:
+            logger.warning(
+                "could not save the averaging state in %s (%s); a resume would start from the one before",
+                self.checkpoint_dir,
+                error,
+            )
+
+    # The end ------------------------------------------------------------------
+
+    def finish(self, measure: Optional[Callable[[], float]] = None) -> None:
+        """Leave the final weights in the network: the strategy's average of the checkpoints, else the moving average.
+
+        ``measure()`` gives the validation loss (or score) of the network's
+        current weights; a strategy that evaluates candidates (``"greedy"``)
+        uses it, and without it keeps the best-ranked checkpoint alone (a
+        warning says so). If averaging the checkpoints fails, the error is
+        logged and the network keeps the moving average (or its raw
+        weights). A temporary checkpoint folder is removed.
+        """
+        try:
+            if self._parameters is None:
+                return  # never started: nothing was trained
+            self.swap_raw()
+            if self.posthoc_snapshots is not None and self.writer:
+                self.posthoc_snapshots.save_new()
+            if self.strategy is not None and self.checkpoints.records:
+                fallback = "the final moving average" if self.moving_average is not None else "its last raw weights"
+                if self._assign_checkpoint_average(fallback, measure):
+                    return
+            if self.moving_average is not None:
+                self._write(self.epoch_weights())
+                logger.info("the network holds the moving average after %d updates", self.num_updates)
+        finally:
+            self.checkpoints.close()
+
+    def abandon(self) -> None:
+        """After a failure: the raw weights back in the network; kept checkpoints stay, a temporary folder goes."""
+        try:
+            self.swap_raw()
+            kept = (
+                f"; its checkpoints stay in {self.checkpoint_dir}"
+                if self.checkpoint_dir and self.checkpoints.records
+                else ""
+            )
+            logger.warning("training failed: the network keeps its raw weights%s", kept)
+        finally:
+            self.checkpoints.close()
+
+    def evaluation(self, measure: Callable[[], float]) -> Evaluation:
+        """``evaluate(arrays)``: the arrays into the network, ``measure()``, the network's weights back (also on error)."""
+        kept = {name: value.copy() for name, value in self.raw_weights().items()}
+
+        def evaluate(arrays: Mapping[str, mx.nd.NDArray]) -> float:
+            self._write(arrays)
+            try:
+                return measure()
+            finally:
+                self._write(kept)
+
+        return evaluate
+
+    def _assign_checkpoint_average(self, fallback: str, measure: Optional[Callable[[], float]]) -> bool:
+        """Write the strategy's average of the kept checkpoints; ``False``, with the reason logged, on failure."""
+        strategy, records = self.strategy, self.checkpoints.records
+        evaluate = None
+        if strategy.needs_evaluation and getattr(strategy, "evaluate", None) is None:
+            evaluate = self.evaluation(measure) if measure is not None else None
+            if evaluate is None:
+                logger.warning(
+                    "avg_strategy %r needs validation data to evaluate candidates, and there is none: "
+                    "keeping the best-ranked checkpoint alone", strategy,
+                )  # fmt: skip
+                evaluate = lambda arrays: 0.0
+        try:
+            paths, weights = strategy.select_checkpoints(records, evaluate=evaluate)
+            self._write(strategy.average(paths, weights))
+        except Exception as error:  # broad on purpose: hours of training must not be lost here
+            logger.error("checkpoint averaging failed, the network keeps %s: %s", fallback, error)
+            return False
+        summary = ", ".join(f"{os.path.basename(path)}: {weight:.3f}" for path, weight in zip(paths, weights))
+        logger.info("the network holds the average of %d checkpoints (%s)", len(paths), summary)
+        return True
+
+    # Helpers ------------------------------------------------------------------
+
+    def _tracked(self) -> NamedParameters:
+        if self._parameters is None:
+            raise RuntimeError("AveragingRun.start(parameters) has not been called")
+        return self._parameters
+
+    def _write_into_parameters(self, arrays: Mapping[str, mx.nd.NDArray]) -> None:
+        write_into_parameters(arrays, self._tracked(), "the averaged weights")
+
+
+def checked_average_config(average: AverageConfig) -> Optional[Dict[str, Any]]:
+    """A moving-average config as a dict with its ``type``, every value checked now; ``None`` stays ``None``.
+
+    Raises
+    ------
+    ConfigurationError
+        An unknown name or key (naming it), ``parameters`` or
+        ``shadow_context`` inside it, or a value out of range.
+    """
+    if average is None:
+        return None
+    if isinstance(average, str):
+        average = {"type": average}
+    if not isinstance(average, Mapping):
+        raise ConfigurationError(f"average must be a name or a dict such as {{'type': 'exponential'}}, got {average!r}")
+    config = {"type": MovingAverage.default_implementation, **average}
+    implementation = MovingAverage.by_name(str(config["type"]))
+    for key in ("parameters", "shadow_context"):
+        if key in config:
+            where = (
+                "the network's parameters are given by the host" if key == "parameters" else "give it next to average"
+            )
+            raise ConfigurationError(f"average: {key!r} is not part of an average's config ({where})")
+    accepted = set(constructor_parameters(implementation)) - {"parameters", "shadow_context"}
+    unknown = sorted(set(config) - accepted - {"type"})
+    if unknown:
+        raise ConfigurationError(
+            f"average: unknown key {unknown[0]!r} for {config['type']!r}; accepted: {sorted(accepted)}"
+        )
+    probe = [("probe", DeviceArrays(lambda: [mx.nd.zeros((1,))]))]  # every value checked, without a network
+    MovingAverage.from_config({**config, "include": None, "exclude": None}, parameters=probe)
+    for key in ("include", "exclude"):
+        if config.get(key) is not None:
+            _check_patterns(key, config[key])
+    return config
+
+
+def _check_patterns(option: str, patterns: Any) -> None:
+    patterns = [patterns] if isinstance(patterns, str) else patterns
+    if not isinstance(patterns, (list, tuple)) or not all(isinstance(pattern, str) and pattern for pattern in patterns):
+        raise ConfigurationError(f"{option} must be a list of name patterns such as ['*weight'], got {patterns!r}")
+
+
+def strategy_from_config(avg_strategy: StrategyConfig) -> Optional[AveragingStrategy]:
+    """An :class:`AveragingStrategy` from itself, a name or a dict; ``None`` stays ``None``."""
+    if avg_strategy is None or isinstance(avg_strategy, AveragingStrategy):
+        return avg_strategy
+    if isinstance(avg_strategy, (str, Mapping)):
+        return AveragingStrategy.from_config(avg_strategy)
+    raise ConfigurationError(f"avg_strategy: an AveragingStrategy, a name or a dict expected, got {avg_strategy!r}")
+
+
+def posthoc_options(posthoc: Optional[Mapping[str, Any]], checkpoint_dir: Optional[str]) -> Optional[Dict[str, Any]]:
+    """The ``posthoc`` option checked, with its defaults and its folder; ``None`` when not asked for."""
+    if posthoc is None:
+        return None
+    if not isinstance(posthoc, Mapping):
+        raise ConfigurationError(f"posthoc must be a dict such as {dict(POSTHOC_DEFAULTS)}, got {posthoc!r}")
+    unknown = sorted(set(posthoc) - set(POSTHOC_DEFAULTS))
+    if unknown:
+        raise ConfigurationError(f"posthoc: unknown key {unknown[0]!r}; accepted: {sorted(POSTHOC_DEFAULTS)}")
+    if checkpoint_dir is None:
+        raise ConfigurationError("posthoc needs a checkpoint folder: the snapshots go to {checkpoint folder}/posthoc")
+    options = {**POSTHOC_DEFAULTS, **posthoc, "folder": os.path.join(checkpoint_dir, POSTHOC_FOLDER)}
+    options["every_epochs"] = check_integer("posthoc every_epochs", options["every_epochs"], 1)
+    options["sigma_rels"] = check_sigma_rels(options["sigma_rels"])
+    return options
