@@ -123,6 +123,14 @@ def parse_arguments(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def print_errors(results: Dict[str, float]) -> None:
+    """A table: each way of choosing the weights and its held-out MSE."""
+    width = max(len(method) for method in results)
+    print(f"{'weights':<{width}} | held-out MSE")
+    for method, error in results.items():
+        print(f"{method:<{width}} | {error:>12.4f}")
+
+
 def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     """Train once, print held-out errors of the raw and averaged weights, return them."""
     arguments = parse_arguments(argv)
@@ -141,10 +149,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
         f"{len(training[0])} training / {len(held_out[0])} held-out quarters, "
         f"{epochs} epochs ({steps} steps), seed: {arguments.seed}"
     )
-    width = max(len(method) for method in results)
-    print(f"{'weights':<{width}} | held-out MSE")
-    for method, error in results.items():
-        print(f"{method:<{width}} | {error:>12.4f}")
+    print_errors(results)
     return {"epochs": epochs, "steps": steps, "seed": arguments.seed, "held_out_mse": results}
 
 

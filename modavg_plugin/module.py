@@ -228,9 +228,12 @@ class ModuleAveraging:
         if self.run.writer and not self.run.checkpoints.records:
             symbol_path = os.path.join(self.run.checkpoints.open(), f"{self._stem}-symbol.json")
             write_atomically(symbol_path, self.module.symbol.save)
-        score = next(iter(metrics.values()), math.nan)
+        score, score_name = next(iter(metrics.values()), math.nan), next(iter(metrics), "score")
         self.run.end_epoch(
-            score, metrics=metrics, state_extras=lambda: optimizer_state(self.module, self.run.checkpoints.open())
+            score,
+            metrics=metrics,
+            state_extras=lambda: optimizer_state(self.module, self.run.checkpoints.open()),
+            score_name=score_name,
         )
 
     # The end ------------------------------------------------------------------

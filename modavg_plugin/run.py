@@ -37,7 +37,6 @@ from .checkpoint_log import CheckpointLog
 from .checks import CheckpointError, check_integer
 from .files import arrays_named, read_state_file, save_state_file
 from .parameters import (
-    DeviceArrays,
     NamedParameters,
     ParameterLike,
     as_context,
@@ -45,9 +44,10 @@ from .parameters import (
     named_parameters,
     write_into_parameters,
 )
-from .registry import ConfigurationError, constructor_parameters
-from .snapshots import DEFAULT_SIGMA_RELS, PostHocSnapshots, check_no_earlier_snapshots, check_sigma_rels
-from .strategies import AveragingStrategy, Evaluation
+from .registry import ConfigurationError
+from .run_options import AverageConfig, StrategyConfig, checked_average_config, posthoc_options, strategy_from_config
+from .snapshots import PostHocSnapshots, check_no_earlier_snapshots
+from .strategies import Evaluation
 from .triggers import AveragingTrigger, trigger_from_config
 
 __all__ = ["STATE_NAME", "AveragingRun", "ResumedState"]
@@ -57,14 +57,14 @@ logger = logging.getLogger(__name__)
 STATE_NAME = "averaging-state.params"
 """The resume state's file in the checkpoint folder (the Module adapter prefixes its file stem)."""
 STATE_FORMAT = 1
-POSTHOC_FOLDER = "posthoc"
-"""Post-hoc snapshots go to ``{checkpoint_dir}/posthoc``."""
-POSTHOC_DEFAULTS: Mapping[str, Any] = {"sigma_rels": list(DEFAULT_SIGMA_RELS), "every_epochs": 1}
 POSTHOC_ARRAYS = "posthoc:"  # the post-hoc EMAs' arrays in a state file: average:posthoc:INDEX/NAME
+ENGINE_STATE_KEYS = frozenset(
+    {"format", "epochs_done", "num_updates", "history", "records", "trigger", "posthoc", "num_applied", "num_steps"}
+    | {"start_step"}
+)
 HIGHER_IS_BETTER = ("accuracy", "acc", "top_k_accuracy", "f1", "mcc", "pearsonr", "pcc")
+LOWER_IS_BETTER = ("loss", "cross-entropy", "ce", "nll", "perplexity", "mse", "mae", "rmse", "error")
 Write = Callable[[Mapping[str, mx.nd.NDArray]], None]
-AverageConfig = Union[None, str, Mapping[str, Any]]
-StrategyConfig = Union[None, str, Mapping[str, Any], AveragingStrategy]
 
 
 @dataclass(frozen=True)
@@ -154,7 +154,7 @@ class AveragingRun:
         self.first_epoch_no = check_integer("first_epoch_no", first_epoch_no, 0)
         self.state_name = state_name
         if metric_names is not None:
-            self._check_strategy_metric({name: math.nan for name in metric_names})
+            self._check_strategy_metric({name: math.nan for name in metric_names}, "loss")
         self.writer = True  # False on the workers of a distributed job other than rank 0
         self.saves_state = True  # False where the host cannot resume (a distributed kvstore)
         self.moving_average: Optional[MovingAverage] = None
@@ -202,9 +202,7 @@ class AveragingRun:
         logger.info(
             "resuming after %d epochs and %d updates from %s", self.epochs_done, self.num_updates, self.state_path
         )
-        known = {"format", "epochs_done", "num_updates", "history", "records", "trigger", "posthoc"}
-        known |= {"num_applied", "num_steps", "start_step"}
-        extras = {key: value for key, value in state.items() if key not in known}
+        extras = {key: value for key, value in state.items() if key not in ENGINE_STATE_KEYS}
         return ResumedState(arrays_named(arrays, "raw:"), extras, blobs)
 
     def start(
@@ -314,6 +312,7 @@ class AveragingRun:
         metrics: Optional[Mapping[str, float]] = None,
         notes: Optional[Mapping[str, float]] = None,
         state_extras: Optional[Callable[[], Tuple[Dict[str, Any], Dict[str, bytes]]]] = None,
+        score_name: str = "loss",
     ) -> Optional[str]:
         """An epoch ended: maybe start the average, save the checkpoint and the state, log the epoch.
 
@@ -325,10 +324,14 @@ class AveragingRun:
         metrics
             Further metrics to record in the epoch info, by name.
         notes
-            Values for :attr:`history` only (e.g. the raw weights' loss).
+            Values for :attr:`history` only (e.g. the raw weights' loss); an
+            epoch's history entry is ``epoch_no``, the notes and the metrics.
         state_extras
             Called when the state is saved: the host's own JSON-ready values
             and bytes to keep in the state file (returned by :meth:`resume`).
+        score_name
+            What the score measures (``"loss"``, ``"accuracy"``...): a strategy
+            ranking it the wrong way round gets a warning.
 
         Returns
         -------
@@ -338,7 +341,7 @@ class AveragingRun:
         self.swap_raw()
         metrics = {str(name): float(value) for name, value in (metrics or {}).items()}
         if not self._metric_checked:
-            self._check_strategy_metric(metrics)
+            self._check_strategy_metric(metrics, score_name)
             self._metric_checked = True
         self.epochs_done += 1
         epoch_no = self.epochs_done - 1 + self.first_epoch_no
@@ -376,7 +379,7 @@ class AveragingRun:
             values.insert(0, f"moving average after {self.num_updates} updates")
         return "; ".join([", ".join(values), kept]) if values else kept
 
-    def _check_strategy_metric(self, metrics: Mapping[str, float]) -> None:
+    def _check_strategy_metric(self, metrics: Mapping[str, float], score_name: str) -> None:
         """The strategy's metric is recorded, and its direction is plausible (a warning if not)."""
         if self.strategy is None:
             return
@@ -384,20 +387,16 @@ class AveragingRun:
         if name != "score" and name not in metrics:
             recorded = sorted(set(metrics) | {"score"})
             raise ConfigurationError(f"avg_strategy.metric is {name!r}, but the epochs record only {recorded}")
-        measured = (next(iter(metrics), "loss") if name == "score" else name).lower()
+        measured = (score_name if name == "score" else name).lower()
         if measured.startswith(HIGHER_IS_BETTER) and not self.strategy.maximize:
-            logger.warning(
-                "avg_strategy ranks %r (= %s) lowest first; %s is better when higher: pass maximize=True",
-                name,
-                measured,
-                measured,
-            )
-        elif "loss" in measured and self.strategy.maximize:
-            logger.warning(
-                "avg_strategy ranks %r (= %s) highest first; a loss is better when lower: drop maximize=True",
-                name,
-                measured,
-            )
+            direction, fix = "lowest first", "higher: pass maximize=True"
+        elif measured.startswith(LOWER_IS_BETTER) and self.strategy.maximize:
+            direction, fix = "highest first", "lower: drop maximize=True"
+        else:
+            return
+        logger.warning(
+            "avg_strategy ranks %r (= %s) %s; %s is better when %s", name, measured, direction, measured, fix
+        )
 
     # Resume state --------------------------------------------------------------
 
@@ -419,8 +418,11 @@ class AveragingRun:
             state["posthoc"] = self.posthoc_snapshots.counters()
             posthoc_arrays = self.posthoc_snapshots.state_arrays().items()
             arrays.update({f"average:{POSTHOC_ARRAYS}{name}": value for name, value in posthoc_arrays})
+        extras, blobs = state_extras() if state_extras is not None else ({}, {})
+        clashing = sorted(set(extras) & ENGINE_STATE_KEYS)
+        if clashing:
+            raise ValueError(f"state_extras: key {clashing[0]!r} is the run's own; name the host's values otherwise")
         try:
-            extras, blobs = state_extras() if state_extras is not None else ({}, {})
             save_state_file(str(self.state_path), {**state, **extras}, arrays, blobs)
         except OSError as error:
             logger.warning(
@@ -452,7 +454,7 @@ class AveragingRun:
                 if self._assign_checkpoint_average(fallback, measure):
                     return
             if self.moving_average is not None:
-                self._write(self.epoch_weights())
+                self._write(self.moving_average.shadows)
                 logger.info("the network holds the moving average after %d updates", self.num_updates)
         finally:
             self.checkpoints.close()
@@ -513,73 +515,9 @@ class AveragingRun:
         return self._parameters
 
     def _write_into_parameters(self, arrays: Mapping[str, mx.nd.NDArray]) -> None:
-        write_into_parameters(arrays, self._tracked(), "the averaged weights")
-
-
-def checked_average_config(average: AverageConfig) -> Optional[Dict[str, Any]]:
-    """A moving-average config as a dict with its ``type``, every value checked now; ``None`` stays ``None``.
-
-    Raises
-    ------
-    ConfigurationError
-        An unknown name or key (naming it), ``parameters`` or
-        ``shadow_context`` inside it, or a value out of range.
-    """
-    if average is None:
-        return None
-    if isinstance(average, str):
-        average = {"type": average}
-    if not isinstance(average, Mapping):
-        raise ConfigurationError(f"average must be a name or a dict such as {{'type': 'exponential'}}, got {average!r}")
-    config = {"type": MovingAverage.default_implementation, **average}
-    implementation = MovingAverage.by_name(str(config["type"]))
-    for key in ("parameters", "shadow_context"):
-        if key in config:
-            where = (
-                "the network's parameters are given by the host" if key == "parameters" else "give it next to average"
-            )
-            raise ConfigurationError(f"average: {key!r} is not part of an average's config ({where})")
-    accepted = set(constructor_parameters(implementation)) - {"parameters", "shadow_context"}
-    unknown = sorted(set(config) - accepted - {"type"})
-    if unknown:
-        raise ConfigurationError(
-            f"average: unknown key {unknown[0]!r} for {config['type']!r}; accepted: {sorted(accepted)}"
-        )
-    probe = [("probe", DeviceArrays(lambda: [mx.nd.zeros((1,))]))]  # every value checked, without a network
-    MovingAverage.from_config({**config, "include": None, "exclude": None}, parameters=probe)
-    for key in ("include", "exclude"):
-        if config.get(key) is not None:
-            _check_patterns(key, config[key])
-    return config
-
-
-def _check_patterns(option: str, patterns: Any) -> None:
-    patterns = [patterns] if isinstance(patterns, str) else patterns
-    if not isinstance(patterns, (list, tuple)) or not all(isinstance(pattern, str) and pattern for pattern in patterns):
-        raise ConfigurationError(f"{option} must be a list of name patterns such as ['*weight'], got {patterns!r}")
-
-
-def strategy_from_config(avg_strategy: StrategyConfig) -> Optional[AveragingStrategy]:
-    """An :class:`AveragingStrategy` from itself, a name or a dict; ``None`` stays ``None``."""
-    if avg_strategy is None or isinstance(avg_strategy, AveragingStrategy):
-        return avg_strategy
-    if isinstance(avg_strategy, (str, Mapping)):
-        return AveragingStrategy.from_config(avg_strategy)
-    raise ConfigurationError(f"avg_strategy: an AveragingStrategy, a name or a dict expected, got {avg_strategy!r}")
-
-
-def posthoc_options(posthoc: Optional[Mapping[str, Any]], checkpoint_dir: Optional[str]) -> Optional[Dict[str, Any]]:
-    """The ``posthoc`` option checked, with its defaults and its folder; ``None`` when not asked for."""
-    if posthoc is None:
-        return None
-    if not isinstance(posthoc, Mapping):
-        raise ConfigurationError(f"posthoc must be a dict such as {dict(POSTHOC_DEFAULTS)}, got {posthoc!r}")
-    unknown = sorted(set(posthoc) - set(POSTHOC_DEFAULTS))
-    if unknown:
-        raise ConfigurationError(f"posthoc: unknown key {unknown[0]!r}; accepted: {sorted(POSTHOC_DEFAULTS)}")
-    if checkpoint_dir is None:
-        raise ConfigurationError("posthoc needs a checkpoint folder: the snapshots go to {checkpoint folder}/posthoc")
-    options = {**POSTHOC_DEFAULTS, **posthoc, "folder": os.path.join(checkpoint_dir, POSTHOC_FOLDER)}
-    options["every_epochs"] = check_integer("posthoc every_epochs", options["every_epochs"], 1)
-    options["sigma_rels"] = check_sigma_rels(options["sigma_rels"])
-    return options
+        """Copy ``arrays`` into the tracked parameters they name (every one checked first); the others stay."""
+        tracked = self._tracked()
+        unknown = sorted(set(arrays) - {name for name, _ in tracked})
+        if unknown:
+            raise KeyError(f"the averaged weights have {unknown[0]!r}, which the network does not have")
+        write_into_parameters(arrays, [(name, p) for name, p in tracked if name in arrays], "the averaged weights")

@@ -1,6 +1,6 @@
 """One worker of a loopback dist_sync job run by tests/test_distributed.py (not a test module).
 
-``module OUTPUT``: trains the small Module of tests/test_module.py with
+``module OUTPUT``: trains the small Module of tests/conftest.py with
 ``kvstore='dist_sync'`` through ModuleAveraging (EMA + mean of the 2 best
 epochs by validation accuracy), each worker on its own data and its own
 validation set, then writes what it ended with into OUTPUT:
@@ -21,10 +21,10 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from test_module import data_iterator, fit_arguments, network
-
 from modavg_plugin import ExponentialMovingAverage
 from modavg_plugin.module import ModuleAveraging
+
+from conftest import data_iterator, fit_arguments, module_symbol
 
 
 def gluon_loop(output: str) -> None:
@@ -57,7 +57,7 @@ def module_fit(output: str) -> None:
     rank = kvstore.rank
     mx.random.seed(7)  # identical initial weights on every worker
     np.random.seed(7)
-    module = mx.mod.Module(network(), context=mx.cpu())
+    module = mx.mod.Module(module_symbol(), context=mx.cpu())
     averaging = ModuleAveraging(
         module,
         {"type": "exponential", "decay": 0.9},

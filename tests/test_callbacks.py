@@ -4,13 +4,12 @@ import glob
 import json
 import logging
 import os
-from typing import Dict, List, Sequence
+from typing import List
 
 import mxnet as mx
 import numpy as np
 import pytest
 from gluonts.core import serde
-from gluonts.dataset.common import ListDataset
 from gluonts.mx import SimpleFeedForwardEstimator, Trainer
 from gluonts.mx.trainer.callback import Callback
 from numpy.testing import assert_allclose
@@ -23,116 +22,16 @@ from modavg_plugin import (
     SelectNBestMean,
 )
 
-Weights = Dict[str, np.ndarray]
-
-
-def read_weights(network: mx.gluon.Block) -> Weights:
-    return {name: parameter.data().asnumpy().astype(np.float64) for name, parameter in network.collect_params().items()}
-
-
-class Probe(Callback):
-    """Listed after the averaging callback: records what the network holds at each hook."""
-
-    def __init__(self) -> None:
-        self.raw_after_step: List[Weights] = []
-        self.during_validation: List[Weights] = []
-        self.raw_at_validation_start: List[Weights] = []
-        self.raw_at_epoch_start: List[Weights] = []
-        self.raw_at_epoch_end: List[Weights] = []
-        self.scores: List[float] = []
-        self.files_at_epoch_end: List[int] = []
-        self.network = None
-
-    def on_network_initializing_end(self, training_network, **kwargs) -> None:
-        self.network = training_network
-        self.raw_after_step.append(read_weights(training_network))
-        # What a validation batch computes with is only visible inside the network's forward pass:
-        # a pre-hook on a block inside it records the weights on the first call of each validation.
-        inner: List[mx.gluon.Block] = []
-        training_network.apply(lambda block: inner.append(block) if block is not training_network else None)
-        inner[0].register_forward_pre_hook(lambda block, inputs: self._inside_forward(training_network))
-        self._validating = False
-
-    def _inside_forward(self, network) -> None:
-        if self._validating and self._first_validation_pass:
-            self.during_validation.append(read_weights(network))
-            self._first_validation_pass = False
-
-    def on_train_epoch_start(self, training_network, **kwargs) -> None:
-        self.raw_at_epoch_start.append(read_weights(training_network))
-
-    def on_train_batch_end(self, training_network, **kwargs) -> bool:
-        self.raw_after_step.append(read_weights(training_network))
-        return True
-
-    def on_validation_epoch_start(self, training_network, **kwargs) -> None:
-        self._validating, self._first_validation_pass = True, True
-        self.raw_at_validation_start.append(read_weights(training_network))
-
-    def on_validation_epoch_end(self, **kwargs) -> bool:
-        self._validating = False
-        return True
-
-    def on_epoch_end(self, epoch_no, epoch_loss, training_network, checkpoint_dir=None, **kwargs) -> bool:
-        self.raw_at_epoch_end.append(read_weights(training_network))
-        self.scores.append(epoch_loss)
-        return True
-
-
-def dataset() -> ListDataset:
-    rng = np.random.RandomState(0)
-    series = [np.sin(np.arange(120) / 4.0) + 0.2 * rng.randn(120) for _ in range(4)]
-    return ListDataset([{"start": "2021-01-01", "target": target} for target in series], freq="D")
-
-
-def train(
-    callback: Callback,
-    with_validation: bool = True,
-    epochs: int = 4,
-    batches: int = 3,
-    extra_callbacks: Sequence[Callback] = (),
-    hybridize: bool = False,
-) -> Probe:
-    """A tiny SimpleFeedForward run with ``callback``, then ``extra_callbacks``, then a probe.
-
-    Not hybridized by default: the probe sees what a validation pass computes with only through a
-    hook on a block inside the network, which a hybridized network does not call.
-    """
-    probe = Probe()
-    mx.random.seed(7)
-    np.random.seed(7)
-    callbacks = [callback, *extra_callbacks, probe]
-    estimator = SimpleFeedForwardEstimator(
-        prediction_length=4,
-        context_length=8,
-        num_hidden_dimensions=[6],
-        batch_size=8,
-        trainer=Trainer(
-            epochs=epochs, num_batches_per_epoch=batches, learning_rate=1e-2, callbacks=callbacks, hybridize=hybridize
-        ),
-    )
-    data = dataset()
-    estimator.train(data, validation_data=data if with_validation else None)
-    return probe
-
-
-def independent_ema(raw_after_step: List[Weights], decay: float, steps: int) -> Weights:
-    """The EMA with warm-up min(decay, (1 + k) / (10 + k)), in float64, over the first ``steps`` steps."""
-    average = {name: value.copy() for name, value in raw_after_step[0].items()}
-    for k in range(1, steps + 1):
-        d = min(decay, (1 + k) / (10 + k))
-        average = {name: d * average[name] + (1 - d) * raw_after_step[k][name] for name in average}
-    return average
-
-
-def assert_weights_close(actual: Weights, expected: Weights, rtol: float = 1e-5, atol: float = 1e-6) -> None:
-    assert actual.keys() == expected.keys()
-    for name in actual:
-        assert_allclose(actual[name], expected[name], rtol=rtol, atol=atol, err_msg=name)
-
-
-def mean_of(weights: List[Weights]) -> Weights:
-    return {name: np.mean([w[name] for w in weights], axis=0) for name in weights[0]}
+from conftest import (
+    Probe,
+    assert_weights_close,
+    dataset,
+    independent_ema,
+    mean_of,
+    read_weights,
+    tiny_estimator,
+    train,
+)
 
 
 def test_ema_is_validated_and_kept_at_the_end_despite_gluonts_default_callbacks():
@@ -386,19 +285,7 @@ def test_an_exception_inside_a_validation_pass_leaves_the_raw_weights():
         mx.random.seed(7)
         np.random.seed(7)
         probe = KeepProbe()
-        estimator = SimpleFeedForwardEstimator(
-            prediction_length=4,
-            context_length=8,
-            num_hidden_dimensions=[6],
-            batch_size=8,
-            trainer=Trainer(
-                epochs=3,
-                num_batches_per_epoch=3,
-                learning_rate=1e-2,
-                callbacks=[callback, probe, failing],
-                hybridize=False,
-            ),
-        )
+        estimator = tiny_estimator([callback, probe, failing], epochs=3, batches=3)
         estimator.train(dataset(), validation_data=dataset())
     (probe,) = probes
     assert_weights_close(read_weights(failing.network), probe.raw_after_step[-1], 0, 0)

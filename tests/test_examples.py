@@ -9,6 +9,9 @@ import subprocess
 import sys
 
 import matplotlib.image
+import mxnet as mx
+import numpy as np
+from numpy.testing import assert_allclose
 
 EXAMPLES = pathlib.Path(__file__).parent.parent / "examples"
 
@@ -74,6 +77,20 @@ def test_gluon_loop_quick(capsys):
     assert all(math.isfinite(error) for error in errors.values())
     assert errors["last iterate"] != errors["EMA (decay 0.99)"]
     assert "held-out MSE" in capsys.readouterr().out
+
+
+def test_gluon_loop_with_the_engine_ends_with_the_mean_of_the_three_best_epoch_emas(tmp_path, capsys):
+    outcome = load_example("gluon_loop_run").main(["--quick", "--checkpoint-dir", str(tmp_path)])
+    assert "mean of 3 best epoch EMAs" in capsys.readouterr().out
+    losses = {entry["epoch_no"]: entry["validation_loss"] for entry in outcome["history"]}
+    best = sorted(losses, key=losses.get)[:3]
+    kept = sorted(name for name in os.listdir(tmp_path) if name.startswith("epoch-") and name.endswith(".params"))
+    assert kept == [f"epoch-{epoch:04d}.params" for epoch in sorted(best)]  # the others were pruned
+    files = [mx.nd.load(str(tmp_path / name)) for name in kept]
+    for name, value in outcome["final"].items():
+        expected = np.mean([file[name].asnumpy().astype(np.float64) for file in files], axis=0)
+        assert_allclose(value, expected, rtol=1e-6, atol=1e-7, err_msg=name)
+    assert (tmp_path / "averaging-state.params").is_file()
 
 
 def test_module_example_quick(capsys):

@@ -12,48 +12,19 @@ from numpy.testing import assert_allclose, assert_array_equal
 from modavg_plugin import ConfigurationError
 from modavg_plugin.module import ModuleAveraging
 
-DECAY = 0.9
-EPOCHS = 3
-BATCH = 16
+from conftest import (
+    MODULE_BATCH,
+    MODULE_DECAY,
+    MODULE_EPOCHS,
+    data_iterator,
+    executor_values,
+    fit_arguments,
+    new_module,
+    seed_everything,
+)
 
-
-def network() -> mx.sym.Symbol:
-    data = mx.sym.Variable("data")
-    hidden = mx.sym.FullyConnected(data, num_hidden=16, name="fc1")
-    hidden = mx.sym.BatchNorm(hidden, name="bn1")
-    hidden = mx.sym.Activation(hidden, act_type="relu")
-    output = mx.sym.FullyConnected(hidden, num_hidden=3, name="fc2")
-    return mx.sym.SoftmaxOutput(output, name="softmax")
-
-
-def data_iterator(seed: int, samples: int = 96) -> mx.io.NDArrayIter:
-    rng = np.random.RandomState(seed)
-    labels = rng.randint(0, 3, size=samples)
-    features = rng.randn(samples, 5).astype(np.float32) + labels[:, None].astype(np.float32)
-    return mx.io.NDArrayIter(features, labels.astype(np.float32), batch_size=BATCH, label_name="softmax_label")
-
-
-def new_module(contexts) -> mx.mod.Module:
-    return mx.mod.Module(network(), context=contexts)
-
-
-def fit_arguments(kvstore: str = "local") -> dict:
-    return dict(
-        num_epoch=EPOCHS,
-        optimizer="adam",
-        optimizer_params={"learning_rate": 0.05},
-        initializer=mx.init.Xavier(),
-        eval_metric="acc",
-        kvstore=kvstore,
-    )
-
-
-def executor_values(module: mx.mod.Module) -> dict:
-    """The first device's arrays, read the way an independent observer would."""
-    group = module._exec_group
-    values = {f"arg:{n}": a[0].asnumpy() for n, a in zip(group.param_names, group.param_arrays)}
-    values.update({f"aux:{n}": a[0].asnumpy() for n, a in zip(group.aux_names, group.aux_arrays)})
-    return values
+DECAY = MODULE_DECAY
+EPOCHS = MODULE_EPOCHS
 
 
 class ReferenceEma:
@@ -96,11 +67,6 @@ def record_saved_checkpoints(averaging: ModuleAveraging) -> dict:
 
     averaging.run.checkpoints.save = remember
     return saved
-
-
-def seed_everything() -> None:
-    mx.random.seed(7)
-    np.random.seed(7)
 
 
 CONTEXTS = {"one device": ([mx.cpu(0)], "local"), "two devices": ([mx.cpu(0), mx.cpu(1)], "device")}
@@ -177,7 +143,11 @@ def test_checkpoints_are_module_checkpoints_and_the_end_is_the_strategy_average(
         assert info["params_path"] == f"model-{epoch:04d}.params" and info["epoch_no"] == epoch
         assert info["score"] == info["accuracy"] == saved[epoch][1]["accuracy"]
         loaded = mx.mod.Module.load(prefix, epoch)
-        loaded.bind(data_shapes=[("data", (BATCH, 5))], label_shapes=[("softmax_label", (BATCH,))], for_training=False)
+        loaded.bind(
+            data_shapes=[("data", (MODULE_BATCH, 5))],
+            label_shapes=[("softmax_label", (MODULE_BATCH,))],
+            for_training=False,
+        )
         arg_params, aux_params = loaded.get_params()
         _, checkpoint_args, checkpoint_aux = mx.model.load_checkpoint(prefix, epoch)
         assert_array_equal(arg_params["fc1_weight"].asnumpy(), saved[epoch][0]["arg:fc1_weight"])

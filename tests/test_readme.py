@@ -15,6 +15,7 @@ if str(REPOSITORY_ROOT) not in sys.path:
 
 from modavg_plugin import ExponentialMovingAverage, Registrable
 from modavg_plugin.module import ModuleAveraging
+
 from tools import configuration_reference, readme_sections
 from tools.configuration_reference import DocumentationError
 from tools.readme_sections import ReadmeSectionError, render_readme

@@ -10,11 +10,12 @@ import numpy as np
 import pytest
 from gluonts.mx.trainer.callback import Callback
 from numpy.testing import assert_allclose
-from test_callbacks import train
 
 from modavg_plugin import AveragingCallback, ConfigurationError, ExponentialAveragingCallback
 from modavg_plugin.files import read_state_file
 from modavg_plugin.run import STATE_NAME
+
+from conftest import train
 
 
 def read_weights(network: mx.gluon.Block) -> Dict[str, np.ndarray]:
