@@ -12,6 +12,7 @@ import importlib
 from typing import Any
 
 from .averages import CumulativeMovingAverage, ExponentialMovingAverage, MovingAverage, PowerMovingAverage
+from .batchnorm import update_bn
 from .checkpoint_log import save_epoch_info
 from .checks import CheckpointError
 from .parameters import load_weights
@@ -28,6 +29,7 @@ _GLUONTS_NAMES = {
     "AveragingCallback",
     "CheckpointAveragingCallback",
     "ExponentialAveragingCallback",
+    "IterationAveragingCallback",
     "MovingAverageCallback",
 }
 
@@ -44,6 +46,7 @@ __all__ = [
     "ExponentialAveragingCallback",
     "ExponentialMovingAverage",
     "GreedySoup",
+    "IterationAveragingCallback",
     "MovingAverage",
     "MovingAverageCallback",
     "NonMonotonicTrigger",
@@ -56,6 +59,7 @@ __all__ = [
     "reconstruct_posthoc",
     "save_epoch_info",
     "save_posthoc",
+    "update_bn",
 ]
 
 

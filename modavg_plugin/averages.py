@@ -33,6 +33,7 @@ from .parameters import (
     named_parameters,
     readable_in_place,
     select_by_name,
+    write_array,
     write_into_parameters,
 )
 from .registry import ConfigurationError, Registrable
@@ -193,7 +194,13 @@ class MovingAverage(Registrable):
         self.non_trainable = non_trainable
         self.include = _patterns("include", include)
         self.exclude = _patterns("exclude", exclude)
-        selected = select_by_name(named_parameters(parameters), self.include, self.exclude)
+        given = named_parameters(parameters)
+        if not given:
+            raise ConfigurationError(
+                "parameters is empty: nothing to average; give the (name, Parameter) pairs of an initialised "
+                "network, e.g. net.collect_params().items()"
+            )
+        selected = select_by_name(given, self.include, self.exclude)
         if non_trainable == "exclude":
             selected = [(name, parameter) for name, parameter in selected if is_trainable(parameter)]
             if not selected:
@@ -323,7 +330,7 @@ class MovingAverage(Registrable):
                 self._backups[name] = [copy.copy() for copy in copies]
             else:
                 for copy, backup in zip(copies, backups):
-                    copy.copyto(backup)
+                    write_array(copy, backup)
         write_into_parameters(self._shadows, self._parameters, "the moving average")
         self._assigned = True
 
@@ -333,7 +340,7 @@ class MovingAverage(Registrable):
             return
         for name, parameter in self._parameters:
             for copy, backup in zip(device_copies(name, parameter), self._backups[name]):
-                backup.copyto(copy)
+                write_array(backup, copy)
         self._assigned = False
 
     def keep_average_value(self) -> None:
@@ -479,12 +486,18 @@ class ExponentialMovingAverage(MovingAverage):
         self.warmup_power = float(warmup_power)
 
     def step_decay(self, steps_since_start: Optional[int]) -> float:
-        """``decay``, warmed up over ``steps_since_start`` as ``warmup`` says."""
+        """``decay``, warmed up as ``warmup`` says over the averaged steps (this one included).
+
+        The warm-up counts averaged steps, not optimiser steps: with
+        ``update_every=2`` the 4th averaged step uses ``n = 4``. No warm-up
+        when the caller gives no ``num_updates`` (``steps_since_start`` is ``None``).
+        """
         if steps_since_start is None or self.warmup == "none":
             return self.decay
+        averaged = self.num_applied + 1
         if self.warmup == "power":
-            return power_warmup_decay(self.decay, steps_since_start, self.warmup_gamma, self.warmup_power)
-        return exponential_decay(self.decay, steps_since_start, self.numerator, self.denominator)
+            return power_warmup_decay(self.decay, averaged, self.warmup_gamma, self.warmup_power)
+        return exponential_decay(self.decay, averaged, self.numerator, self.denominator)
 
 
 @MovingAverage.register("cumulative")

@@ -11,21 +11,37 @@ give GluonTS's serde their ``@validated`` signatures.
 Hooks take ``**kwargs``: GluonTS has renamed hook arguments between versions.
 """
 
-from typing import Any, Callable, Dict, List, Optional
+import logging
+import weakref
+from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 
 import mxnet as mx
 from gluonts.core.component import validated
+from gluonts.mx.trainer.model_averaging import AveragingStrategy as GluonTSStrategy
 from gluonts.mx.trainer.model_averaging import ModelAveraging
+from gluonts.mx.trainer.model_iteration_averaging import NTA, Alpha_Suffix, IterationAveragingStrategy
 
 from .averages import MovingAverage, check_exponential_arguments
-from .gluon import AveragedValidation, mean_loss, network_parameters
+from .batchnorm import update_bn
+from .gluon import AveragedValidation, TrainingInputs, mean_loss, network_parameters
 from .parameters import write_into_parameters
 from .posthoc import PostHocSnapshots
-from .registry import Registrable
+from .registry import ConfigurationError, Registrable
 from .run import AveragingRun
 from .strategies import AveragingStrategy
 
-__all__ = ["AveragingCallback", "CheckpointAveragingCallback", "ExponentialAveragingCallback", "MovingAverageCallback"]
+__all__ = [
+    "AveragingCallback",
+    "CheckpointAveragingCallback",
+    "ExponentialAveragingCallback",
+    "IterationAveragingCallback",
+    "MovingAverageCallback",
+]
+
+logger = logging.getLogger(__name__)
+
+Strategy = Optional[Union[AveragingStrategy, GluonTSStrategy]]
+"""Ours, or GluonTS's own ``SelectNBestMean`` / ``SelectNBestSoftmax`` (with their settings)."""
 
 
 class AveragingCallback(Registrable, ModelAveraging):
@@ -47,17 +63,18 @@ class AveragingCallback(Registrable, ModelAveraging):
     def __init__(
         self,
         average: Optional[Dict[str, Any]],
-        avg_strategy: Optional[AveragingStrategy] = None,
+        avg_strategy: Strategy = None,
         checkpoint_dir: Optional[str] = None,
         resume: bool = False,
         shadow_context: Optional[str] = None,
         compare_raw: bool = False,
         trigger: Optional[Dict[str, Any]] = None,
         posthoc: Optional[Dict[str, Any]] = None,
+        update_bn: Optional[int] = None,
     ) -> None:
         self._run_options = dict(
             average=average, avg_strategy=avg_strategy, checkpoint_dir=checkpoint_dir, resume=resume,
-            trigger=trigger, posthoc=posthoc, shadow_context=shadow_context, metric_names=(),
+            trigger=trigger, posthoc=posthoc, shadow_context=shadow_context, metric_names=(), update_bn=update_bn,
         )  # fmt: skip
         self.run = AveragingRun(**self._run_options)  # checks the configuration now, not at the first epoch
         self.avg_strategy = self.run.strategy
@@ -69,9 +86,10 @@ class AveragingCallback(Registrable, ModelAveraging):
             measure_raw=compare_raw and average is not None,
             keep_inputs=self.run.strategy is not None and self.run.strategy.needs_evaluation,
         )
+        self._training_inputs = TrainingInputs(self.run.update_bn or 0)  # the last batches, for update_bn
         self._notes: Dict[str, float] = {}
         self._max_epochs = 0
-        self._network: Optional[mx.gluon.Block] = None
+        self._network: Optional[weakref.ref] = None
 
     @property
     def history(self) -> List[Dict[str, float]]:
@@ -104,7 +122,10 @@ class AveragingCallback(Registrable, ModelAveraging):
 
     def on_network_initializing_end(self, training_network: mx.gluon.HybridBlock, **kwargs: Any) -> None:
         """Track the network's parameters (all of ``collect_params()``); with ``resume``, continue the saved run."""
-        self._network = training_network
+        self._network = weakref.ref(training_network)  # a strong one would keep it, and the temporary folder, alive
+        self.run.checkpoints.remove_temporary_folder_with(
+            training_network
+        )  # GluonTS calls no hook when training raises
         parameters = network_parameters(training_network)
         resumed = self.run.resume()
         if resumed is not None:
@@ -120,6 +141,8 @@ class AveragingCallback(Registrable, ModelAveraging):
         self.run.swap_raw()
         if self.run.num_updates == 0:
             self.run.start(network_parameters(training_network), epochs_ahead=self._max_epochs)
+        if self.run.update_bn is not None:
+            self._training_inputs.attach(training_network)
 
     def on_train_batch_end(self, training_network: mx.gluon.HybridBlock, **kwargs: Any) -> bool:
         """One optimiser step happened (GluonTS skips this hook for NaN-loss batches)."""
@@ -128,6 +151,7 @@ class AveragingCallback(Registrable, ModelAveraging):
 
     def on_train_epoch_end(self, epoch_no: int, epoch_loss: float, **kwargs: Any) -> bool:
         """Note the training loss for this epoch's :attr:`history` entry."""
+        self._training_inputs.detach()
         self._notes = {"training_loss": float(epoch_loss)}
         return True
 
@@ -153,43 +177,56 @@ class AveragingCallback(Registrable, ModelAveraging):
     def on_train_end(self, training_network: Optional[mx.gluon.HybridBlock] = None, **kwargs: Any) -> None:
         """Leave the final weights in the network and remove temporary files."""
         self._validation.detach()
-        batches, network = list(self._validation.inputs), self._network
-        measure: Optional[Callable[[], float]] = None
+        self._training_inputs.detach()
+        network = self._network() if self._network is not None else None
+        batches, measure = list(self._validation.inputs), None
         if batches and network is not None:
-            measure = lambda: mean_loss(network, batches)
-        self.run.finish(measure=measure)
+            measure: Optional[Callable[[], float]] = lambda: mean_loss(network, batches)
+        training = list(self._training_inputs.inputs)
+        refresh = None if network is None else (lambda count: update_bn(network, training[-count:]))
+        self.run.finish(measure=measure, refresh_batchnorm=refresh)
 
 
 @AveragingCallback.register("checkpoints")
 class CheckpointAveragingCallback(AveragingCallback):
     """No EMA: raw weights saved per epoch, the best ones averaged at the end.
 
-    A drop-in for GluonTS's ``ModelAveraging(avg_strategy)`` that keeps only
-    the checkpoints the strategy can use and averages them one at a time;
-    use it when a per-step EMA is not wanted.
+    A drop-in for GluonTS's ``ModelAveraging(avg_strategy)`` (GluonTS's own
+    strategy objects are accepted as they are) that keeps only the
+    checkpoints the strategy can use and averages them one at a time; use it
+    when a per-step EMA is not wanted.
 
     Parameters
     ----------
     avg_strategy
         An :class:`~modavg_plugin.AveragingStrategy` (in a config, a name or
-        a dict) with ``metric="score"``, choosing the checkpoints averaged at
-        the end; ``None``: ``SelectNBestMean(num_models=5)`` (``"mean"``).
+        a dict) with ``metric="score"``, or GluonTS's ``SelectNBestMean`` /
+        ``SelectNBestSoftmax`` with their settings, choosing the checkpoints
+        averaged at the end; ``None``: ``SelectNBestMean(num_models=5)`` (``"mean"``).
     checkpoint_dir
         Folder for the per-epoch checkpoints, kept after training; ``None``:
-        a temporary folder, removed at the end of training.
+        a temporary folder, removed at the end of training (also when
+        training raises, once the training network is released).
     resume
         ``True``: continue from the state an earlier, stopped run saved in
         ``checkpoint_dir`` (raw weights, kept checkpoints, history).
+    update_bn
+        Recompute the BatchNorm running statistics of the final weights from
+        the last this many training batches (PyTorch's ``update_bn``; see
+        :func:`~modavg_plugin.batchnorm.update_bn`), an integer >= 1; ``None``:
+        keep the averaged ones.
     """
 
     @validated()
     def __init__(
         self,
-        avg_strategy: Optional[AveragingStrategy] = None,
+        avg_strategy: Strategy = None,
         checkpoint_dir: Optional[str] = None,
         resume: bool = False,
+        update_bn: Optional[int] = None,
     ) -> None:
-        super().__init__(None, avg_strategy or AveragingStrategy.from_config(), checkpoint_dir, resume)
+        strategy = avg_strategy or AveragingStrategy.from_config()
+        super().__init__(None, strategy, checkpoint_dir, resume, update_bn=update_bn)
 
 
 @AveragingCallback.register("moving_average")
@@ -214,8 +251,9 @@ class MovingAverageCallback(AveragingCallback):
         "eta": 0}``; ``None``: ``{"type": "exponential"}``.
     avg_strategy
         An :class:`~modavg_plugin.AveragingStrategy` (in a config, a name or
-        a dict) with ``metric="score"``: end with its average of the best
-        per-epoch averages; ``None``: end with the final average.
+        a dict) with ``metric="score"``, or GluonTS's ``SelectNBestMean`` /
+        ``SelectNBestSoftmax``: end with its average of the best per-epoch
+        averages; ``None``: end with the final average.
     checkpoint_dir
         Folder for the per-epoch checkpoints, kept after training; ``None``:
         a temporary folder, removed at the end of training.
@@ -245,19 +283,24 @@ class MovingAverageCallback(AveragingCallback):
         power-function EMA per ``sigma_rel`` and saves both every
         ``every_epochs`` epochs and at the end; ``modavg posthoc`` then
         builds the EMA of any length from them. Needs ``checkpoint_dir``.
+    update_bn
+        Recompute the BatchNorm running statistics of the final weights from
+        the last this many training batches (PyTorch's ``update_bn``), an
+        integer >= 1; ``None``: keep the averaged ones.
     """
 
     @validated()
     def __init__(
         self,
         average: Optional[Dict[str, Any]] = None,
-        avg_strategy: Optional[AveragingStrategy] = None,
+        avg_strategy: Strategy = None,
         checkpoint_dir: Optional[str] = None,
         shadow_context: Optional[str] = None,
         compare_raw: bool = True,
         resume: bool = False,
         trigger: Optional[Dict[str, Any]] = None,
         posthoc: Optional[Dict[str, Any]] = None,
+        update_bn: Optional[int] = None,
     ) -> None:
         self.average = {"type": MovingAverage.default_implementation, **(average or {})}
         self.shadow_context, self.compare_raw, self.trigger, self.posthoc = (
@@ -267,8 +310,8 @@ class MovingAverageCallback(AveragingCallback):
             posthoc,
         )
         super().__init__(
-            self.average, avg_strategy, checkpoint_dir, resume,
-            shadow_context=shadow_context, compare_raw=compare_raw, trigger=trigger, posthoc=posthoc,
+            self.average, avg_strategy, checkpoint_dir, resume, shadow_context=shadow_context,
+            compare_raw=compare_raw, trigger=trigger, posthoc=posthoc, update_bn=update_bn,
         )  # fmt: skip
 
 
@@ -297,13 +340,91 @@ class ExponentialAveragingCallback(MovingAverageCallback):
         decay: float = 0.9999,
         numerator: float = 1.0,
         denominator: float = 10.0,
-        avg_strategy: Optional[AveragingStrategy] = None,
+        avg_strategy: Strategy = None,
         checkpoint_dir: Optional[str] = None,
         shadow_context: Optional[str] = None,
         compare_raw: bool = True,
         resume: bool = False,
+        update_bn: Optional[int] = None,
     ) -> None:
         check_exponential_arguments(decay, numerator, denominator)
         average = {"type": "exponential", "decay": decay, "numerator": numerator, "denominator": denominator}
-        super().__init__(average, avg_strategy, checkpoint_dir, shadow_context, compare_raw, resume)
+        super().__init__(
+            average, avg_strategy, checkpoint_dir, shadow_context, compare_raw, resume, update_bn=update_bn
+        )
         self.decay, self.numerator, self.denominator = decay, numerator, denominator
+
+
+@AveragingCallback.register("iteration_averaging")
+class IterationAveragingCallback(MovingAverageCallback):
+    """GluonTS's ``ModelIterationAveraging``, one line to change: ``avg_strategy=NTA(...)`` or ``Alpha_Suffix(...)``.
+
+    Use it to replace ``ModelIterationAveraging(avg_strategy=NTA(epochs=E,
+    n=5))`` by ``IterationAveragingCallback(avg_strategy=NTA(epochs=E, n=5))``
+    (or the same with ``Alpha_Suffix``): a ``"moving_average"`` callback with
+    a ``"cumulative"`` average of the strategy's ``eta``, started by the
+    matching trigger (``"nta"`` with ``n``, ``maximize``, ``last_n_trigger``
+    and ``fallback_alpha``; ``"alpha_suffix"`` with ``alpha``). Differences:
+    the rules count the trainer's epochs (GluonTS's ``epochs`` argument is
+    not needed; a warning says when it differs); averaging starts with the
+    step after the epoch that triggers it, where GluonTS also averages that
+    epoch's last weights and then counts each epoch's last weights twice.
+
+    Parameters
+    ----------
+    avg_strategy
+        GluonTS's ``NTA`` or ``Alpha_Suffix`` object; ``None``: give ``trigger``.
+    trigger
+        Instead of ``avg_strategy``: an :class:`~modavg_plugin.AveragingTrigger`
+        config such as ``{"type": "nta", "n": 5}``.
+    eta
+        The averaging's polynomial decay (GluonTS's ``eta``), a finite number
+        >= 0; ``None``: the strategy's, else 0 (an equal-weight mean).
+    """
+
+    @validated()
+    def __init__(
+        self,
+        avg_strategy: Optional[IterationAveragingStrategy] = None,
+        trigger: Optional[Dict[str, Any]] = None,
+        eta: Optional[float] = None,
+        checkpoint_dir: Optional[str] = None,
+        compare_raw: bool = True,
+        resume: bool = False,
+        update_bn: Optional[int] = None,
+    ) -> None:
+        trigger, strategy_eta, self._strategy_epochs = iteration_averaging_rule(avg_strategy, trigger)
+        eta = strategy_eta if eta is None else eta
+        super().__init__(
+            {"type": "cumulative", "eta": eta}, None, checkpoint_dir, None, compare_raw, resume, trigger,
+            update_bn=update_bn,
+        )  # fmt: skip
+
+    def on_train_start(self, max_epochs: int = 0, **kwargs: Any) -> None:
+        if self._strategy_epochs is not None and self._strategy_epochs != int(max_epochs):
+            logger.warning(
+                "avg_strategy was built for epochs=%d, the trainer runs %d: the rule counts the trainer's epochs",
+                self._strategy_epochs, int(max_epochs),
+            )  # fmt: skip
+        super().on_train_start(max_epochs, **kwargs)
+
+
+def iteration_averaging_rule(
+    avg_strategy: Optional[IterationAveragingStrategy], trigger: Optional[Dict[str, Any]]
+) -> Tuple[Dict[str, Any], float, Optional[int]]:
+    """GluonTS's ``NTA`` / ``Alpha_Suffix`` as our trigger config, its ``eta``, and the ``epochs`` it was built for."""
+    if (avg_strategy is None) == (trigger is None):
+        raise ConfigurationError("give avg_strategy (GluonTS's NTA or Alpha_Suffix) or a trigger config, not both")
+    if avg_strategy is None:
+        return dict(trigger), 0.0, None
+    arguments = dict(avg_strategy.__init_args__)  # GluonTS's @validated keeps the constructor's arguments
+    if isinstance(avg_strategy, NTA):
+        keys = ("n", "maximize", "last_n_trigger", "fallback_alpha")
+        rule = {"type": "nta", **{key: arguments[key] for key in keys}}
+    elif isinstance(avg_strategy, Alpha_Suffix):
+        rule = {"type": "alpha_suffix", "alpha": arguments["alpha"]}
+    else:
+        raise ConfigurationError(
+            f"avg_strategy must be GluonTS's NTA or Alpha_Suffix, got {type(avg_strategy).__name__}"
+        )
+    return rule, float(arguments.get("eta", 0.0)), int(arguments["epochs"])

@@ -10,6 +10,7 @@ import logging
 import os
 import shutil
 import tempfile
+import weakref
 from typing import Any, Dict, List, Mapping, Optional
 
 import mxnet as mx
@@ -45,12 +46,32 @@ class CheckpointLog:
         self.records: List[Dict[str, Any]] = []
         self._given_folder = folder
         self._folder: Optional[str] = None
+        self._owner: Optional[weakref.ref] = None
+        self._remove_temporary: Optional[weakref.finalize] = None
+
+    def remove_temporary_folder_with(self, owner: Any) -> None:
+        """Remove a temporary folder also when ``owner`` is garbage-collected (or at exit), not only at :meth:`close`.
+
+        For hosts that give no hook when training raises (GluonTS's
+        ``Trainer`` calls no callback then): tied to the training network, the
+        folder goes with it. A given folder is never removed.
+        """
+        self._owner = weakref.ref(owner)
+
+    @property
+    def folder(self) -> Optional[str]:
+        """The folder in use, ``None`` before the first save (or after :meth:`close`)."""
+        return self._folder
 
     def open(self) -> str:
         """The folder, created on first use."""
         if self._folder is None:
             if self._given_folder is None:
                 self._folder = tempfile.mkdtemp(prefix="modavg-")
+                owner = self._owner() if self._owner is not None else None
+                self._remove_temporary = weakref.finalize(
+                    owner if owner is not None else self, _remove_tree, self._folder
+                )
             else:
                 os.makedirs(self._given_folder, exist_ok=True)
                 self._folder = self._given_folder
@@ -58,8 +79,9 @@ class CheckpointLog:
 
     def close(self) -> None:
         """Forget the records; remove the folder if it is a temporary one."""
-        if self._folder is not None and self._given_folder is None:
-            shutil.rmtree(self._folder, ignore_errors=True)
+        if self._remove_temporary is not None:
+            self._remove_temporary()  # runs once; a later garbage collection does nothing
+        self._remove_temporary = None
         self._folder = None
         self.records = []
 
@@ -141,6 +163,10 @@ class CheckpointLog:
             for path in (record["info_path"], record["params_path"]):  # the record first: no record without file
                 remove_quietly(path)
             self.records.remove(record)
+
+
+def _remove_tree(folder: str) -> None:
+    shutil.rmtree(folder, ignore_errors=True)
 
 
 def save_epoch_info(tmp_path: str, epoch_info: Mapping[str, Any]) -> None:

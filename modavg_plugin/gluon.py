@@ -4,14 +4,15 @@ Used by the GluonTS callbacks and by plain Gluon loops alike; nothing here
 imports GluonTS.
 """
 
+import collections
 import math
-from typing import Any, Callable, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Deque, List, Optional, Sequence, Tuple
 
 import mxnet as mx
 
 from .parameters import NamedParameters, named_parameters
 
-__all__ = ["AveragedValidation", "mean_loss", "network_parameters"]
+__all__ = ["AveragedValidation", "ForwardHook", "TrainingInputs", "mean_loss", "network_parameters"]
 
 
 def network_parameters(network: mx.gluon.Block) -> NamedParameters:
@@ -29,7 +30,34 @@ def network_parameters(network: mx.gluon.Block) -> NamedParameters:
     )
 
 
-class AveragedValidation:
+class ForwardHook:
+    """Runs :meth:`_pass` in place of a network's forward pass while attached (the network's own ``forward`` after)."""
+
+    def __init__(self) -> None:
+        self._network: Optional[mx.gluon.Block] = None
+
+    def attach(self, network: mx.gluon.Block) -> None:
+        """Start on ``network``."""
+        self.detach()
+        original_forward = network.forward
+
+        def hooked_forward(*inputs: Any) -> Any:
+            return self._pass(original_forward, inputs)
+
+        network.forward = hooked_forward  # Block.__call__ calls self.forward: this instance attribute first
+        self._network = network
+
+    def detach(self) -> None:
+        """Stop: the network's own ``forward`` again."""
+        if self._network is not None and "forward" in vars(self._network):
+            del self._network.forward
+        self._network = None
+
+    def _pass(self, forward: Callable[..., Any], inputs: Sequence[Any]) -> Any:
+        raise NotImplementedError
+
+
+class AveragedValidation(ForwardHook):
     """Validation forward passes with the averages swapped in, one pass at a time.
 
     While attached to a network, each forward pass of it (the trainer's
@@ -65,35 +93,22 @@ class AveragedValidation:
         self._swap_raw = swap_raw
         self.measure_raw = measure_raw
         self.keep_inputs = keep_inputs
+        super().__init__()
         self.inputs: List[Tuple[Any, ...]] = []
-        self._network: Optional[mx.gluon.Block] = None
         self._total = 0.0
         self._count = 0
 
     def attach(self, network: mx.gluon.Block) -> None:
         """Start on ``network`` (forgetting any earlier measurement)."""
-        self.detach()
+        super().attach(network)
         self._total, self._count, self.inputs = 0.0, 0, []
-        original_forward = network.forward
-
-        def averaged_forward(*inputs: Any) -> Any:
-            return self._averaged_pass(original_forward, inputs)
-
-        network.forward = averaged_forward  # Block.__call__ calls self.forward: this instance attribute first
-        self._network = network
-
-    def detach(self) -> None:
-        """Stop: the network's own ``forward`` again; the raw loss so far stays readable."""
-        if self._network is not None and "forward" in vars(self._network):
-            del self._network.forward
-        self._network = None
 
     @property
     def raw_loss(self) -> float:
         """Mean raw loss per element over the measured batches (NaN before any)."""
         return self._total / self._count if self._count else math.nan
 
-    def _averaged_pass(self, forward: Callable[..., Any], inputs: Sequence[Any]) -> Any:
+    def _pass(self, forward: Callable[..., Any], inputs: Sequence[Any]) -> Any:
         if self.keep_inputs:
             self.inputs.append(tuple(inputs))
         with mx.autograd.pause():  # validation runs inside autograd.record(): no swapping there
@@ -133,3 +148,20 @@ def mean_loss(network: mx.gluon.Block, batches: Sequence[Sequence[Any]]) -> floa
             if math.isfinite(batch_total):
                 total, count = total + batch_total, count + loss.size
     return total / count if count else math.nan
+
+
+class TrainingInputs(ForwardHook):
+    """Keeps the inputs of a network's last ``count`` forward passes (references to the batches, no copies).
+
+    Attached during training epochs, it gives a host that sees no batches
+    (GluonTS's callbacks) the training batches for
+    :func:`~modavg_plugin.batchnorm.update_bn`.
+    """
+
+    def __init__(self, count: int) -> None:
+        super().__init__()
+        self.inputs: Deque[Tuple[Any, ...]] = collections.deque(maxlen=count)
+
+    def _pass(self, forward: Callable[..., Any], inputs: Sequence[Any]) -> Any:
+        self.inputs.append(tuple(inputs))
+        return forward(*inputs)

@@ -28,6 +28,7 @@ from .module_host import (
     metric_values,
     module_arrays,
     optimizer_state,
+    update_module_bn,
     write_module_arrays,
 )
 from .registry import ConfigurationError
@@ -103,6 +104,10 @@ class ModuleAveraging:
     shadow_context
         Where the averages live (also the post-hoc ones), as text or an
         ``mx.Context``: ``"cpu"``, ``"gpu(1)"``; ``None``: the first device's.
+    update_bn
+        Recompute the BatchNorm running statistics of the final weights from
+        the first this many batches of ``fit``'s training data (PyTorch's
+        ``update_bn``), an integer >= 1; ``None``: keep the averaged ones.
     """
 
     def __init__(
@@ -117,6 +122,7 @@ class ModuleAveraging:
         trigger: Optional[Mapping[str, Any]] = None,
         posthoc: Optional[Mapping[str, Any]] = None,
         shadow_context: Union[None, str, mx.Context] = None,
+        update_bn: Optional[int] = None,
     ) -> None:
         check_choice("aux_states", aux_states, AUX_STATES)
         self.rank = None if rank is None else check_integer("rank", rank, 0)
@@ -125,6 +131,7 @@ class ModuleAveraging:
             _with_aux_states(average, aux_states), avg_strategy, folder, resume=resume, trigger=trigger,
             posthoc=posthoc, shadow_context=shadow_context, file_stem=stem, first_epoch_no=1,
             state_name=f"{stem}-averaging-state.params",
+            update_bn=update_bn,
         )  # fmt: skip
         self.module = module
         self.avg_strategy = self.run.strategy
@@ -133,6 +140,7 @@ class ModuleAveraging:
         self._with_validation: Optional[bool] = None
         self._training_metric: Optional[mx.metric.EvalMetric] = None
         self._eval_data: Optional[mx.io.DataIter] = None
+        self._train_data: Optional[mx.io.DataIter] = None
         self._validation_metric: Any = None
         self._epochs_ahead: Optional[int] = None
 
@@ -170,6 +178,7 @@ class ModuleAveraging:
             fit_arguments[argument] = _as_list(fit_arguments.get(argument)) + [callback]
         self._with_validation = eval_data is not None
         self._eval_data = eval_data
+        self._train_data = train_data
         self._validation_metric = fit_arguments.get("validation_metric") or fit_arguments.get("eval_metric", "acc")
         resumed = self.run.resume()
         if resumed is not None:
@@ -243,7 +252,9 @@ class ModuleAveraging:
 
         In a distributed job every worker then receives rank 0's final weights.
         """
-        self.run.finish(measure=self._measure())
+        train_data = self._train_data
+        refresh = None if train_data is None else (lambda count: update_module_bn(self.module, train_data, count))
+        self.run.finish(measure=self._measure(), refresh_batchnorm=refresh)
         kvstore = distributed_kvstore(self.module)
         if kvstore is not None and self._started:
             final = checkpoint_names(*self.module.get_params())

@@ -10,14 +10,17 @@ drifts away). This module is the one place the plugin reaches into a host's
 private state.
 """
 
+import itertools
+import json
 import os
 import tempfile
 from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
 
 import mxnet as mx
 
+from .batchnorm import RunningStatistics, refresh_statistics
 from .files import TEMPORARY_PREFIX
-from .parameters import DeviceArrays, NamedParameters
+from .parameters import DeviceArrays, NamedParameters, write_array, write_into_parameters
 
 __all__ = [
     "ARG_PREFIX",
@@ -30,6 +33,7 @@ __all__ = [
     "metric_values",
     "module_arrays",
     "optimizer_state",
+    "update_module_bn",
     "write_module_arrays",
 ]
 
@@ -70,23 +74,19 @@ def checkpoint_names(arg_params: Mapping[str, mx.nd.NDArray], aux_params: Mappin
 
 
 def write_module_arrays(module: mx.mod.Module, arrays: Mapping[str, mx.nd.NDArray]) -> None:
-    """Write ``arg:``/``aux:`` arrays into the module (``set_params``: every device and its own copy), all checked first."""
-    arg_params, aux_params = module.get_params()
-    unknown = sorted(set(arrays) - set(checkpoint_names(arg_params, aux_params)))
+    """Write ``arg:``/``aux:`` arrays into every device copy the module computes with, all checked first.
+
+    Written in place (:func:`~modavg_plugin.parameters.write_array`, safe for
+    arrays MKLDNN reordered), never through ``set_params``, whose ``copyto``
+    fails on them; the module's own CPU copy is then marked stale, so
+    ``get_params()`` and ``save_checkpoint`` read the new values.
+    """
+    tracked = module_arrays(module)
+    unknown = sorted(set(arrays) - {name for name, _ in tracked})
     if unknown:
         raise KeyError(f"the averaged weights have {unknown[0]!r}, which the module does not have")
-    module.set_params(_replaced(arg_params, arrays, ARG_PREFIX), _replaced(aux_params, arrays, AUX_PREFIX))
-
-
-def _replaced(current: Mapping[str, mx.nd.NDArray], arrays: Mapping[str, mx.nd.NDArray], prefix: str) -> Dict:
-    """``current`` with the values ``arrays`` has for it (names prefixed), shapes checked."""
-    replaced = {}
-    for name, value in current.items():
-        new = arrays.get(prefix + name, value)
-        if tuple(new.shape) != tuple(value.shape):
-            raise ValueError(f"{prefix}{name} has shape {tuple(new.shape)}, the module expects {tuple(value.shape)}")
-        replaced[name] = new
-    return replaced
+    write_into_parameters(arrays, [(name, p) for name, p in tracked if name in arrays], "the averaged weights")
+    module._params_dirty = True  # no public way to say the devices hold newer values than its CPU copy
 
 
 def bind_from_arrays(
@@ -181,3 +181,52 @@ def _restore_update_counts(optimizer: mx.optimizer.Optimizer, saved: Mapping[str
         for device, by_index in saved["index_update_counts"].items()
     }
     optimizer._index_update_count = optimizer._all_index_update_counts.setdefault(0, {})
+
+
+def update_module_bn(module: mx.mod.Module, train_data: mx.io.DataIter, count: int) -> int:
+    """Recompute the module's BatchNorm running statistics from the first ``count`` batches of ``train_data``.
+
+    Each batch runs ``forward_backward`` (MXNet updates the statistics in
+    the backward pass; the gradients are put back as they were); see
+    :mod:`modavg_plugin.batchnorm`. Returns the number of batches used.
+    """
+    group = module._exec_group
+    gradients = [array for arrays in group.grad_arrays for array in arrays if array is not None]
+    kept = [gradient.copy() for gradient in gradients]
+
+    def training_pass(batch: mx.io.DataBatch) -> Callable[[], None]:
+        return lambda: module.forward_backward(batch)
+
+    train_data.reset()
+    try:
+        batches = itertools.islice(iter(train_data), count)
+        used = refresh_statistics(_module_statistics(module), (training_pass(batch) for batch in batches))
+    finally:
+        for gradient, saved in zip(gradients, kept):
+            write_array(saved, gradient)
+        train_data.reset()
+    module._params_dirty = True  # the running statistics on the devices are newer than its CPU copy
+    return used
+
+
+def _module_statistics(module: mx.mod.Module) -> List[RunningStatistics]:
+    """The running statistics of the symbol's BatchNorm layers (not ``use_global_stats``), on every device."""
+    group = module._exec_group
+    layers = []
+    for node in json.loads(module.symbol.tojson())["nodes"]:
+        attributes = node.get("attrs", {})
+        if node["op"] != "BatchNorm" or attributes.get("use_global_stats", "False") == "True":
+            continue
+        mean, variance = (
+            group.aux_names.index(f"{node['name']}_moving_mean"),
+            group.aux_names.index(f"{node['name']}_moving_var"),
+        )
+        layers.append(
+            RunningStatistics(
+                node["name"],
+                lambda index=mean: group.aux_arrays[index],
+                lambda index=variance: group.aux_arrays[index],
+                float(attributes.get("momentum", 0.9)),
+            )
+        )
+    return layers

@@ -31,6 +31,7 @@ __all__ = [
     "named_parameters",
     "readable_in_place",
     "select_by_name",
+    "write_array",
     "write_into_parameters",
 ]
 
@@ -197,7 +198,25 @@ def write_into_parameters(values: Mapping[str, mx.nd.NDArray], parameters: Named
     check_compatible(values, parameters, source)
     for name, parameter in parameters:
         for copy in device_copies(name, parameter):
-            values[name].copyto(copy)
+            write_array(values[name], copy)
+
+
+def write_array(value: mx.nd.NDArray, target: mx.nd.NDArray) -> None:
+    """Copy ``value`` into the existing array ``target`` (same handle), whatever memory layout MXNet left it in.
+
+    Every write into a network goes through here. On the CPU, MKLDNN may have
+    reordered a convolution weight in place into a blocked layout during an
+    inference pass, and ``copyto`` into such an array fails
+    (``Check failed: to.IsDefaultData()``); an operator writing into
+    ``out=target`` replaces the layout instead. Values are cast to
+    ``target``'s dtype and moved to its device.
+    """
+    if value.context != target.context:
+        value = value.as_in_context(target.context)
+    if np.dtype(value.dtype) == np.dtype(target.dtype):
+        mx.nd.identity(value, out=target)
+    else:
+        mx.nd.cast(value, dtype=target.dtype, out=target)
 
 
 def load_weights(network: mx.gluon.Block, source: Union[str, Mapping[str, mx.nd.NDArray]]) -> None:

@@ -149,6 +149,16 @@ class Registrable:
         arguments = _constructor_arguments(implementation, name, config, extras)
         return implementation(**arguments)
 
+    @classmethod
+    def from_params(cls: Type[T], params: Any = None, **extras: Any) -> T:
+        """AllenNLP's name for :meth:`from_config`, with the same meaning.
+
+        ``params`` is a config dict, a name, or AllenNLP's ``Params`` (anything
+        with ``as_dict()``); ``extras`` as in :meth:`from_config`.
+        """
+        config = params.as_dict() if hasattr(params, "as_dict") else params
+        return cls.from_config(config, **extras)
+
 
 def _constructor_arguments(
     implementation: type, name: str, config: Dict[str, Any], extras: Dict[str, Any]

@@ -120,6 +120,11 @@ class AveragingRun:
         The metrics the host records besides ``score``, when known in
         advance (``avg_strategy.metric`` is then checked now); ``None``:
         checked at the first epoch's end.
+    update_bn
+        Recompute the BatchNorm running statistics of the final weights from
+        this many training batches (PyTorch's ``update_bn``), an integer >= 1,
+        through the host's ``refresh_batchnorm`` given to :meth:`finish`;
+        ``None``: keep them as averaged (or copied, see ``non_trainable``).
     """
 
     def __init__(
@@ -136,6 +141,7 @@ class AveragingRun:
         first_epoch_no: int = 0,
         state_name: str = STATE_NAME,
         metric_names: Optional[Iterable[str]] = None,
+        update_bn: Optional[int] = None,
     ) -> None:
         self.average_config = checked_average_config(average)
         self.strategy = strategy_from_config(avg_strategy)
@@ -153,6 +159,7 @@ class AveragingRun:
         self.file_stem = file_stem
         self.first_epoch_no = check_integer("first_epoch_no", first_epoch_no, 0)
         self.state_name = state_name
+        self.update_bn = None if update_bn is None else check_integer("update_bn", update_bn, 1)
         if metric_names is not None:
             self._check_strategy_metric({name: math.nan for name in metric_names}, "loss")
         self.writer = True  # False on the workers of a distributed job other than rank 0
@@ -433,7 +440,9 @@ class AveragingRun:
 
     # The end ------------------------------------------------------------------
 
-    def finish(self, measure: Optional[Callable[[], float]] = None) -> None:
+    def finish(
+        self, measure: Optional[Callable[[], float]] = None, refresh_batchnorm: Optional[Callable[[int], int]] = None
+    ) -> None:
         """Leave the final weights in the network: the strategy's average of the checkpoints, else the moving average.
 
         ``measure()`` gives the validation loss (or score) of the network's
@@ -441,7 +450,10 @@ class AveragingRun:
         uses it, and without it keeps the best-ranked checkpoint alone (a
         warning says so). If averaging the checkpoints fails, the error is
         logged and the network keeps the moving average (or its raw
-        weights). A temporary checkpoint folder is removed.
+        weights). With ``update_bn``, ``refresh_batchnorm(batches)`` then
+        recomputes the BatchNorm statistics of the final weights (e.g.
+        :func:`~modavg_plugin.batchnorm.update_bn`) and returns how many
+        batches it used. A temporary checkpoint folder is removed.
         """
         try:
             if self._parameters is None:
@@ -449,15 +461,30 @@ class AveragingRun:
             self.swap_raw()
             if self.posthoc_snapshots is not None and self.writer:
                 self.posthoc_snapshots.save_new()
-            if self.strategy is not None and self.checkpoints.records:
-                fallback = "the final moving average" if self.moving_average is not None else "its last raw weights"
-                if self._assign_checkpoint_average(fallback, measure):
-                    return
-            if self.moving_average is not None:
-                self._write(self.moving_average.shadows)
-                logger.info("the network holds the moving average after %d updates", self.num_updates)
+            self._assign_final_weights(measure)
+            if self.update_bn is not None:
+                self._refresh_batchnorm(refresh_batchnorm)
         finally:
             self.checkpoints.close()
+
+    def _assign_final_weights(self, measure: Optional[Callable[[], float]]) -> None:
+        if self.strategy is not None and self.checkpoints.records:
+            fallback = "the final moving average" if self.moving_average is not None else "its last raw weights"
+            if self._assign_checkpoint_average(fallback, measure):
+                return
+        if self.moving_average is not None:
+            self._write(self.moving_average.shadows)
+            logger.info("the network holds the moving average after %d updates", self.num_updates)
+
+    def _refresh_batchnorm(self, refresh_batchnorm: Optional[Callable[[int], int]]) -> None:
+        if refresh_batchnorm is None:
+            logger.warning("update_bn is set, but this host gave no training batches: the BatchNorm statistics stay")
+            return
+        used = refresh_batchnorm(int(self.update_bn))
+        if used:
+            logger.info("the BatchNorm running statistics are recomputed for the final weights from %d batches", used)
+        else:
+            logger.warning("update_bn: no training batch to recompute the BatchNorm statistics from; they stay")
 
     def abandon(self) -> None:
         """After a failure: the raw weights back in the network; kept checkpoints stay, a temporary folder goes."""

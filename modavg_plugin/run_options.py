@@ -19,9 +19,10 @@ from .strategies import AveragingStrategy
 __all__ = ["POSTHOC_FOLDER", "checked_average_config", "posthoc_options", "strategy_from_config"]
 
 AverageConfig = Union[None, str, Mapping[str, Any]]
-StrategyConfig = Union[None, str, Mapping[str, Any], AveragingStrategy]
+StrategyConfig = Union[None, str, Mapping[str, Any], AveragingStrategy, Any]  # Any: GluonTS's own strategies
 POSTHOC_FOLDER = "posthoc"
 """Post-hoc snapshots go to ``{checkpoint_dir}/posthoc``."""
+GLUONTS_STRATEGIES = {"SelectNBestMean": "mean", "SelectNBestSoftmax": "softmax"}
 POSTHOC_DEFAULTS: Mapping[str, Any] = {"sigma_rels": list(DEFAULT_SIGMA_RELS), "every_epochs": 1}
 
 
@@ -63,12 +64,25 @@ def _check_patterns(option: str, patterns: Any) -> None:
 
 
 def strategy_from_config(avg_strategy: StrategyConfig) -> Optional[AveragingStrategy]:
-    """An :class:`AveragingStrategy` from itself, a name or a dict; ``None`` stays ``None``."""
+    """An :class:`AveragingStrategy` from itself, a name, a dict, or GluonTS's own strategy object; ``None`` stays ``None``.
+
+    GluonTS's ``SelectNBestMean`` and ``SelectNBestSoftmax`` (from
+    ``gluonts.mx.trainer.model_averaging``) become ours with the same
+    ``num_models``, ``metric`` and ``maximize``: recognised by their names
+    and attributes, so the engine needs no GluonTS import.
+    """
     if avg_strategy is None or isinstance(avg_strategy, AveragingStrategy):
         return avg_strategy
     if isinstance(avg_strategy, (str, Mapping)):
         return AveragingStrategy.from_config(avg_strategy)
-    raise ConfigurationError(f"avg_strategy: an AveragingStrategy, a name or a dict expected, got {avg_strategy!r}")
+    name = GLUONTS_STRATEGIES.get(type(avg_strategy).__name__)
+    if name is not None and type(avg_strategy).__module__.startswith("gluonts."):
+        settings = {key: getattr(avg_strategy, key) for key in ("num_models", "metric", "maximize")}
+        return AveragingStrategy.from_config({"type": name, **settings})
+    raise ConfigurationError(
+        f"avg_strategy: an AveragingStrategy, a name, a dict or GluonTS's SelectNBestMean/SelectNBestSoftmax "
+        f"expected, got {avg_strategy!r}"
+    )
 
 
 def posthoc_options(posthoc: Optional[Mapping[str, Any]], checkpoint_dir: Optional[str]) -> Optional[Dict[str, Any]]:

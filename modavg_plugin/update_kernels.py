@@ -204,6 +204,9 @@ class CpuUpdateGroup(UpdateGroup):
         self._scratch = np.empty(min(SCRATCH_VALUES, max(1, *self.sizes)), dtype=self.dtype)
 
     def update(self, values: Sequence[mx.nd.NDArray], decay: float) -> None:
+        # One wait for everything queued: a pending inference pass may still reorder a value in place (MKLDNN),
+        # which waiting for the value's own writes does not catch (the pass only reads it).
+        mx.nd.waitall()
         values = [value if value.dtype == self.dtype else value.astype(self.dtype) for value in values]
         views = [view.read(value) for view, value in zip(self._value_views, values)]
         flat = self._flat_view.write(self.flat)

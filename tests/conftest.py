@@ -98,6 +98,7 @@ def train(
     batches: int = 3,
     extra_callbacks: Sequence[Callback] = (),
     hybridize: bool = False,
+    batch_norm: bool = False,
 ) -> Probe:
     """A tiny SimpleFeedForward run with ``callback``, then ``extra_callbacks``, then a probe.
 
@@ -107,19 +108,22 @@ def train(
     probe = Probe()
     mx.random.seed(7)
     np.random.seed(7)
-    estimator = tiny_estimator([callback, *extra_callbacks, probe], epochs, batches, hybridize)
+    estimator = tiny_estimator([callback, *extra_callbacks, probe], epochs, batches, hybridize, batch_norm)
     data = dataset()
     estimator.train(data, validation_data=data if with_validation else None)
     return probe
 
 
-def tiny_estimator(callbacks: Sequence[Callback], epochs: int, batches: int, hybridize: bool = False):
+def tiny_estimator(
+    callbacks: Sequence[Callback], epochs: int, batches: int, hybridize: bool = False, batch_norm: bool = False
+):
     """The tiny SimpleFeedForward estimator of :func:`train`, with these trainer callbacks."""
     return SimpleFeedForwardEstimator(
         prediction_length=4,
         context_length=8,
-        num_hidden_dimensions=[6],
+        num_hidden_dimensions=[8, 6] if batch_norm else [6],  # BatchNorm follows each hidden layer but the last
         batch_size=8,
+        batch_normalization=batch_norm,
         trainer=Trainer(
             epochs=epochs, num_batches_per_epoch=batches, learning_rate=1e-2, callbacks=callbacks, hybridize=hybridize
         ),

@@ -417,6 +417,33 @@ def test_update_every_averages_every_kth_step_after_the_start():
     assert average.num_applied == 3 and average.num_steps == 12
 
 
+@pytest.mark.parametrize("warmup", ["ratio", "power"])
+def test_the_warm_up_counts_averaged_steps_not_optimiser_steps(warmup):
+    """With update_every=2 the 4th averaged step (optimiser step 8) is warmed up with n = 4."""
+    net = vector_network(TRAJECTORY[0])
+    config = {"type": "exponential", "decay": 0.99, "update_every": 2, "warmup": warmup}
+    average = MovingAverage.from_config(config, parameters=net.collect_params().items())
+    visit(average, net, TRAJECTORY[:10], with_num_updates=True)
+    expected = TRAJECTORY[0].astype(np.float64)
+    for n, step in enumerate((2, 4, 6, 8, 10), start=1):  # the averaged optimiser steps
+        d = min(0.99, (1 + n) / (10 + n)) if warmup == "ratio" else min(0.99, 1 - (1 + n) ** -0.75)
+        expected = d * expected + (1 - d) * TRAJECTORY[step - 1]
+    assert_allclose(shadow(average), expected, rtol=1e-5, atol=1e-6)
+    assert average.num_applied == 5
+
+
+def test_start_step_one_reproduces_the_peers_copy_at_the_first_update():
+    """torch's AveragedModel (EMA avg_fn) and timm copy the weights at their first update, then blend: start_step=1."""
+    net = vector_network(np.zeros(4))  # weights at construction that the peers never see
+    config = {"type": "exponential", "decay": 0.9, "warmup": "none", "start_step": 1}
+    average = MovingAverage.from_config(config, parameters=net.collect_params().items())
+    visit(average, net, TRAJECTORY)
+    expected = TRAJECTORY[0].astype(np.float64)  # their first update: a copy
+    for value in TRAJECTORY[1:]:
+        expected = 0.9 * expected + 0.1 * value  # ema_param.lerp_(param, 1 - decay)
+    assert_allclose(shadow(average), expected, rtol=1e-5, atol=1e-6)
+
+
 def test_start_now_starts_after_the_current_step():
     net = vector_network(TRAJECTORY[0])
     average = MovingAverage.from_config(

@@ -170,7 +170,7 @@ def test_bad_callback_configs_are_refused(config, message):
 
 
 def test_registered_callbacks():
-    assert AveragingCallback.list_available() == ["exponential", "checkpoints", "moving_average"]
+    assert AveragingCallback.list_available() == ["exponential", "checkpoints", "moving_average", "iteration_averaging"]
 
 
 def test_shadows_start_from_weights_set_by_a_later_callback_at_initialisation():
@@ -466,3 +466,30 @@ def test_posthoc_snapshots_of_an_earlier_run_in_the_folder_are_refused(tmp_path)
     assert len(glob.glob(str(tmp_path / "posthoc" / "*.params"))) == 2
     with pytest.raises(ConfigurationError, match=r"already holds snapshots of an earlier run.*resume=True"):
         train(AveragingCallback.from_config(settings), with_validation=False, epochs=1, batches=2)
+
+
+class FailAtEpochEnd(Callback):
+    """Listed after the averaging callback: raises at the end of epoch ``epoch`` (after a checkpoint is saved)."""
+
+    def __init__(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def on_epoch_end(self, epoch_no, **kwargs) -> bool:
+        if epoch_no == self.epoch:
+            raise RuntimeError("training broke")
+        return True
+
+
+def test_a_run_that_raises_leaves_no_temporary_checkpoint_folder():
+    """GluonTS calls no hook when training raises: the folder goes with the training network."""
+    import gc
+
+    callback = ExponentialAveragingCallback(decay=0.9, avg_strategy=SelectNBestMean(num_models=2))
+    with pytest.raises(RuntimeError, match="training broke") as failure:
+        train(callback, extra_callbacks=[FailAtEpochEnd(epoch=1)])
+    folder = callback.run.checkpoints.folder
+    assert folder is not None and os.path.isdir(folder)  # while the traceback keeps the training network alive
+    assert callback.run.checkpoints.records  # checkpoints were saved there before the failure
+    del failure
+    gc.collect()
+    assert not os.path.exists(folder)
