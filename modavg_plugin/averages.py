@@ -22,11 +22,11 @@ import mxnet as mx
 import numpy as np
 
 from .checks import check_choice, check_integer, check_number
+from .dtypes import averaging_dtype
 from .parameters import (
     NamedParameters,
     ParameterLike,
     as_context,
-    averaging_dtype,
     check_compatible,
     device_copies,
     is_trainable,
@@ -379,21 +379,42 @@ class MovingAverage(Registrable):
         Shadows are copied into the existing arrays: the object keeps
         following the live parameters, never copies of them. ``num_steps``
         and ``start_step`` are optional (states saved before they existed).
+        Everything is checked (:meth:`check_state_dict`) before anything changes.
         """
-        missing = {"num_applied", "shadows"} - set(state)
-        if missing:
-            raise KeyError(f"moving-average state has no {sorted(missing)[0]!r}")
-        shadows = state["shadows"]
-        unknown = sorted(set(shadows) - set(self._shadows))
-        if unknown:
-            raise KeyError(f"moving-average state has shadow {unknown[0]!r} for a parameter that is not tracked")
-        values = {name: mx.nd.array(np.asarray(_as_numpy(value))) for name, value in shadows.items()}
-        check_compatible(values, list(self._shadows.items()), "moving-average state")
+        values = self.check_state_dict(state)
         for name, shadow in self._shadows.items():
             values[name].copyto(shadow)
         self.num_applied = int(state["num_applied"])
         self.num_steps = int(state.get("num_steps", self.num_applied))
         self.start_step = state.get("start_step", self.start_step)
+
+    def check_state_dict(self, state: Mapping[str, Any]) -> Dict[str, mx.nd.NDArray]:
+        """The state's shadows as arrays, once every key, count, name and shape is checked; changes nothing.
+
+        Raises
+        ------
+        KeyError
+            A key or a shadow is missing, or a shadow is for an untracked parameter.
+        ValueError
+            A counter is not an integer >= 0, or a shadow's shape differs.
+        """
+        missing = {"num_applied", "shadows"} - set(state)
+        if missing:
+            raise KeyError(f"moving-average state has no {sorted(missing)[0]!r}")
+        for key in ("num_applied", "num_steps"):
+            if key in state:
+                check_integer(f"moving-average state {key!r}", state[key], 0, ValueError)
+        if state.get("start_step") is not None:
+            check_integer("moving-average state 'start_step'", state["start_step"], 0, ValueError)
+        shadows = state["shadows"]
+        if not isinstance(shadows, Mapping):
+            raise ValueError("moving-average state: 'shadows' is not a mapping of name to array")
+        unknown = sorted(set(shadows) - set(self._shadows))
+        if unknown:
+            raise KeyError(f"moving-average state has shadow {unknown[0]!r} for a parameter that is not tracked")
+        values = {name: mx.nd.array(np.asarray(_as_numpy(value))) for name, value in shadows.items()}
+        check_compatible(values, list(self._shadows.items()), "moving-average state")
+        return values
 
 
 def check_schedule_arguments(start_step: Optional[int], update_every: int, non_trainable: str) -> None:

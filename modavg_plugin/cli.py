@@ -68,6 +68,7 @@ FOLDER_OPTIONS = {
     "metric": "--metric",
     "maximize": "--maximize",
     "allow_outside_folder": "--allow-outside-folder",
+    "run_id": "--run",
 }
 STRATEGY_OPTIONS = ("num_models", "metric", "maximize")  # passed to the strategy's constructor
 USER_ERRORS = (CheckpointError, ConfigurationError, ValueError, OSError, KeyError)
@@ -169,6 +170,12 @@ def add_average_command(commands: "argparse._SubParsersAction[ArgumentParser]") 
         action="store_const",
         const=True,
         help="folder only: accept epoch info whose params_path lies outside the folder (refused by default)",
+    )
+    average.add_argument(
+        "--run",
+        dest="run_id",
+        metavar="ID",
+        help="folder only: the run whose checkpoints to average, when the folder holds several",
     )
     average.add_argument("--dry-run", action="store_true", help="print the files, weights and output; write nothing")
     average.set_defaults(run=run_average)
@@ -296,7 +303,9 @@ def plan_folder(folder: str, options: Dict[str, Any], output: Optional[str]) -> 
     """The checkpoints a strategy selects in ``folder``, unreadable ones skipped with a warning."""
     strategy = build_strategy(options)
     allow_outside_folder = bool(options.get("allow_outside_folder"))
-    records = strategy.get_checkpoint_information(folder, allow_outside_folder=allow_outside_folder)
+    records = strategy.get_checkpoint_information(
+        folder, allow_outside_folder=allow_outside_folder, run=options.get("run")
+    )
     selected, weights = strategy.select_checkpoints(records)
     readable: List[Tuple[str, float, List[str]]] = []
     for path, weight in zip(selected, weights):
@@ -342,7 +351,9 @@ def check_same_parameters(names_by_path: Sequence[Tuple[str, List[str]]]) -> Non
 
 
 def check_output(plan: AveragingPlan) -> None:
-    """The output can be written: not a folder, in an existing folder, not one of the inputs."""
+    """The output can be written: a file name, not a folder, in an existing folder, not one of the inputs."""
+    if not plan.output.strip():
+        raise CheckpointError("the output is an empty name; give a file name with -o OUT")
     if os.path.isdir(plan.output):
         raise CheckpointError(f"output {plan.output} is a folder; give a file name such as {AVERAGED_MODEL_NAME}")
     if not os.path.isdir(os.path.dirname(os.path.abspath(plan.output))):

@@ -1,8 +1,13 @@
 """Writing files whole or not at all, and the one-file resume-state format.
 
 Files are written to a temporary name (``.tmp-*``) in the same folder,
-synced, renamed into place and the folder synced, so a reader never sees half
-a file and a crash leaves at most a ``.tmp-*`` leftover, which readers ignore.
+synced, checked, renamed into place and the folder synced, so a reader never
+sees half a file and a crash leaves at most a ``.tmp-*`` leftover, which
+readers ignore. The check reads back what reached the disk (a ``.params``
+file's headers against its size, a JSON file parsed): ``mx.nd.save`` ignores
+write errors when it closes a file, so a full disk can leave a file cut short
+without any exception. Every failure, MXNet's included, is an ``OSError``
+naming the file, and the file it would have replaced is left as it was.
 """
 
 import errno
@@ -10,13 +15,13 @@ import json
 import logging
 import os
 import tempfile
-from typing import Any, Callable, Dict, Mapping, Tuple
+from typing import Any, Callable, Dict, Mapping, Optional, Tuple
 
 import mxnet as mx
 import numpy as np
 
 from .checks import CheckpointError
-from .params_files import load_params
+from .params_files import ParamsFormatError, check_layout, load_params
 
 __all__ = [
     "STATE_KEY_PREFIX",
@@ -28,6 +33,7 @@ __all__ = [
     "save_json",
     "save_params",
     "save_state_file",
+    "verify_params_file",
     "write_atomically",
 ]
 
@@ -47,20 +53,34 @@ def _file_mode() -> int:
 FILE_MODE = _file_mode()
 
 
-def write_atomically(path: str, write: Callable[[str], None]) -> None:
-    """Call ``write(temporary_path)``, sync the file, rename it to ``path`` and sync the folder.
+def write_atomically(path: str, write: Callable[[str], None], verify: Optional[Callable[[str], None]] = None) -> None:
+    """Call ``write(temporary_path)``, sync the file, ``verify`` it, rename it to ``path`` and sync the folder.
 
     The temporary file is ``.tmp-*`` in the same folder and removed if
     anything fails before the rename; a crash can leave it behind (readers
     ignore such leftovers), never a partial ``path``.
+
+    Raises
+    ------
+    OSError
+        The file could not be written whole (a full disk, a lost mount, a
+        folder that cannot be written; MXNet's errors are turned into this),
+        or ``verify`` found what reached the disk unusable; ``path`` is untouched.
     """
+    if not path:
+        raise OSError(errno.EINVAL, "no file name given", path)
     folder = os.path.dirname(os.path.abspath(path))
     handle, temporary = tempfile.mkstemp(prefix=TEMPORARY_PREFIX, suffix="-" + os.path.basename(path), dir=folder)
     os.close(handle)
     try:
-        write(temporary)
+        try:
+            write(temporary)
+        except mx.base.MXNetError as error:  # e.g. "FileStream.Write incomplete" on a full disk
+            raise OSError(errno.EIO, f"could not write {path}: {_last_line(error)}", path) from None
         with open(temporary, "rb") as written:
             os.fsync(written.fileno())
+        if verify is not None:
+            verify(temporary)
         os.chmod(temporary, FILE_MODE)  # mkstemp creates 0600; a checkpoint is an ordinary file
         os.replace(temporary, path)
     except BaseException:
@@ -68,6 +88,31 @@ def write_atomically(path: str, write: Callable[[str], None]) -> None:
             os.remove(temporary)
         raise
     fsync_folder(folder)
+
+
+def _last_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[-1].strip() if text else type(error).__name__
+
+
+def verify_params_file(path: str) -> None:
+    """``OSError`` unless the ``.params`` file at ``path`` is whole: every header consistent with its size."""
+    try:
+        check_layout(path)
+    except ParamsFormatError as error:
+        size = os.path.getsize(path)
+        raise OSError(errno.EIO, f"only part of the file reached the disk ({size} bytes: {error})", path) from None
+
+
+def _verify_text(expected: str) -> Callable[[str], None]:
+    def verify(path: str) -> None:
+        with open(path, encoding="utf-8") as file:
+            written = file.read()
+        if written != expected:
+            reached = f"{len(written)} of {len(expected)} characters" if expected.startswith(written) else "other text"
+            raise OSError(errno.EIO, f"what reached the disk is not what was written ({reached})", path)
+
+    return verify
 
 
 def fsync_folder(folder: str) -> None:
@@ -93,16 +138,18 @@ def fsync_folder(folder: str) -> None:
 def save_json(path: str, data: Any) -> None:
     """Write ``data`` as JSON to ``path``, atomically."""
 
-    def write(temporary: str) -> None:
-        with open(temporary, "w") as file:
-            json.dump(data, file)
+    text = json.dumps(data)
 
-    write_atomically(path, write)
+    def write(temporary: str) -> None:
+        with open(temporary, "w", encoding="utf-8") as file:
+            file.write(text)
+
+    write_atomically(path, write, _verify_text(text))
 
 
 def save_params(path: str, arrays: Mapping[str, mx.nd.NDArray]) -> None:
     """Save named arrays as a ``.params`` file (``mx.nd.save`` format), atomically."""
-    write_atomically(path, lambda temporary: mx.nd.save(temporary, dict(arrays)))
+    write_atomically(path, lambda temporary: mx.nd.save(temporary, dict(arrays)), verify_params_file)
 
 
 def remove_quietly(path: str) -> None:

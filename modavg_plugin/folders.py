@@ -18,7 +18,7 @@ import json
 import logging
 import os
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, List
+from typing import Any, Callable, Dict, List, Mapping, Optional
 
 from .checks import CheckpointError, check_integer, check_number, list_some, shown_value
 from .files import TEMPORARY_PREFIX
@@ -28,9 +28,11 @@ __all__ = [
     "EPOCH_INFO_SUFFIX",
     "MAX_RECORD_BYTES",
     "POSTHOC_INFO_SUFFIX",
+    "UNSTAMPED",
     "RecordKind",
     "is_inside_folder",
     "list_folder_files",
+    "one_run",
     "read_checkpoint_records",
     "read_json_object",
     "read_posthoc_snapshots",
@@ -212,7 +214,9 @@ def _epoch_info_checker(allow_outside_folder: bool) -> Callable[[Dict[str, Any],
     return check
 
 
-def read_checkpoint_records(folder: str, allow_outside_folder: bool = False) -> List[Dict[str, Any]]:
+def read_checkpoint_records(
+    folder: str, allow_outside_folder: bool = False, run: Optional[str] = None
+) -> List[Dict[str, Any]]:
     """Every usable ``*-epoch-info.json`` record in ``folder``, in file-name order.
 
     ``params_path`` is resolved against the folder when relative; each record
@@ -226,17 +230,23 @@ def read_checkpoint_records(folder: str, allow_outside_folder: bool = False) -> 
     allow_outside_folder
         Accept parameter files outside ``folder`` (e.g. a folder of epoch
         info whose checkpoints were moved elsewhere).
+    run
+        Only the records of this run (their ``run_id``; ``"unstamped"`` for
+        records written before runs were stamped); needed when the folder
+        holds several runs' records.
 
     Raises
     ------
     CheckpointError
-        ``folder`` is not a folder, has no epoch-info files, or none is usable.
+        ``folder`` is not a folder, has no epoch-info files, none is usable,
+        or it holds several runs and ``run`` does not say which (the message
+        lists them).
     """
     kind = RecordKind(
         EPOCH_INFO_SUFFIX, "epoch-info files", "no checkpoints", "no usable checkpoint",
         _epoch_info_checker(allow_outside_folder),
     )  # fmt: skip
-    return read_records(folder, kind)
+    return one_run(read_records(folder, kind), run, folder)
 
 
 def _check_posthoc_record(record: Dict[str, Any], folder: str, name: str) -> Dict[str, Any]:
@@ -259,7 +269,7 @@ POSTHOC_RECORDS = RecordKind(
 )
 
 
-def read_posthoc_snapshots(folder: str) -> List[Dict[str, Any]]:
+def read_posthoc_snapshots(folder: str, run: Optional[str] = None) -> List[Dict[str, Any]]:
     """Every usable ``*-posthoc-info.json`` record in ``folder``, ordered by step, then gamma.
 
     Each record is the file's JSON object with ``params_path`` made absolute
@@ -271,4 +281,45 @@ def read_posthoc_snapshots(folder: str) -> List[Dict[str, Any]]:
     CheckpointError
         ``folder`` is not a folder, holds no records, or none is usable.
     """
-    return sorted(read_records(folder, POSTHOC_RECORDS), key=lambda record: (record["step"], record["gamma"]))
+    records = one_run(read_records(folder, POSTHOC_RECORDS), run, folder)
+    return sorted(records, key=lambda record: (record["step"], record["gamma"]))
+
+
+UNSTAMPED = "unstamped"
+"""How records without a ``run_id`` (written before runs were stamped) are named when choosing a run."""
+
+
+def one_run(records: List[Dict[str, Any]], run: Optional[str], folder: str) -> List[Dict[str, Any]]:
+    """The records of run ``run``, or all of them when they are of one run; :class:`CheckpointError` otherwise.
+
+    The error lists each run (its id, how many records, their first and
+    last epoch or step) and says how to choose.
+    """
+    by_run: Dict[str, List[Dict[str, Any]]] = {}
+    for record in records:
+        by_run.setdefault(_run_of(record), []).append(record)
+    if run is not None:
+        if run not in by_run:
+            raise CheckpointError(
+                f"folder {folder} holds no records of run {run!r}; its runs: {_describe_runs(by_run)}"
+            )
+        return by_run[run]
+    if len(by_run) > 1:
+        raise CheckpointError(
+            f"folder {folder} holds the records of {len(by_run)} runs ({_describe_runs(by_run)}), which must not be "
+            "averaged together: choose one (--run ID with modavg, run=ID in the API)"
+        )
+    return records
+
+
+def _run_of(record: Mapping[str, Any]) -> str:
+    run_id = record.get("run_id")
+    return run_id if isinstance(run_id, str) and run_id else UNSTAMPED
+
+
+def _describe_runs(by_run: Mapping[str, List[Dict[str, Any]]]) -> str:
+    parts = []
+    for run_id, records in by_run.items():
+        marks = sorted(record.get("epoch_no", record.get("step", 0)) for record in records)
+        parts.append(f"{run_id}: {len(records)} records, {marks[0]}-{marks[-1]}")
+    return "; ".join(parts)

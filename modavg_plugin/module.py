@@ -17,7 +17,7 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple, Union
 
 import mxnet as mx
 
-from .checks import check_choice, check_integer
+from .checks import CheckpointError, check_choice, check_integer
 from .files import write_atomically
 from .module_host import (
     bind_from_arrays,
@@ -182,8 +182,12 @@ class ModuleAveraging:
         self._validation_metric = fit_arguments.get("validation_metric") or fit_arguments.get("eval_metric", "acc")
         resumed = self.run.resume()
         if resumed is not None:
-            bind_from_arrays(self.module, resumed.raw, train_data, fit_arguments)
-            load_optimizer_state(self.module, resumed.extras, resumed.blobs, self.run.checkpoints.open())
+            try:
+                bind_from_arrays(self.module, resumed.raw, train_data, fit_arguments)
+                load_optimizer_state(self.module, resumed.extras, resumed.arrays, resumed.blobs)
+            except CheckpointError as error:
+                self.run.checkpoints.close()  # the folder's lock: nothing was trained
+                raise CheckpointError(f"cannot resume from {self.run.state_path}: {error}") from None
             fit_arguments["begin_epoch"] = self.run.epochs_done
         num_epoch = fit_arguments.get("num_epoch")
         self._epochs_ahead = None if num_epoch is None else int(num_epoch) - int(fit_arguments.get("begin_epoch", 0))
@@ -241,7 +245,7 @@ class ModuleAveraging:
         self.run.end_epoch(
             score,
             metrics=metrics,
-            state_extras=lambda: optimizer_state(self.module, self.run.checkpoints.open()),
+            state_extras=lambda: optimizer_state(self.module),
             score_name=score_name,
         )
 

@@ -10,16 +10,16 @@ drifts away). This module is the one place the plugin reaches into a host's
 private state.
 """
 
+import io
 import itertools
 import json
-import os
-import tempfile
+import pickle  # only to read the optimiser state of old files, through an unpickler that builds arrays only
 from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
 
 import mxnet as mx
 
 from .batchnorm import RunningStatistics, refresh_statistics
-from .files import TEMPORARY_PREFIX
+from .checks import CheckpointError
 from .parameters import DeviceArrays, NamedParameters, write_array, write_into_parameters
 
 __all__ = [
@@ -99,12 +99,31 @@ def bind_from_arrays(
     module.bind(data_shapes=train_data.provide_data, label_shapes=train_data.provide_label, for_training=True)
     arg_params = {name[len(ARG_PREFIX) :]: value for name, value in raw.items() if name.startswith(ARG_PREFIX)}
     aux_params = {name[len(AUX_PREFIX) :]: value for name, value in raw.items() if name.startswith(AUX_PREFIX)}
+    expected = checkpoint_names(*_shapes(module))
+    saved = {name: tuple(value.shape) for name, value in raw.items()}
+    if saved != expected:
+        different = sorted(set(saved) ^ set(expected)) or sorted(
+            name for name in saved if saved[name] != expected[name]
+        )
+        name = different[0]
+        raise CheckpointError(
+            f"the saved weights do not fit this module: {name!r} is {saved.get(name, 'missing')} in the state, "
+            f"{expected.get(name, 'missing')} in the module"
+        )
     module.init_params(arg_params=arg_params, aux_params=aux_params, force_init=True)
     module.init_optimizer(
         kvstore=fit_arguments.get("kvstore", "local"),
         optimizer=fit_arguments.get("optimizer", "sgd"),
         optimizer_params=fit_arguments.get("optimizer_params", (("learning_rate", 0.01),)),
     )
+
+
+def _shapes(module: mx.mod.Module) -> Tuple[Dict[str, Tuple[int, ...]], Dict[str, Tuple[int, ...]]]:
+    """The shapes of a bound module's parameters and auxiliary states, by name."""
+    group = module._exec_group
+    arg = {name: tuple(arrays[0].shape) for name, arrays in zip(group.param_names, group.param_arrays)}
+    aux = {name: tuple(arrays[0].shape) for name, arrays in zip(group.aux_names, group.aux_arrays)}
+    return arg, aux
 
 
 def metric_values(metric: Optional[mx.metric.EvalMetric]) -> Dict[str, float]:
@@ -136,34 +155,133 @@ def broadcast_from_rank_zero(
     return received
 
 
-def optimizer_state(module: mx.mod.Module, folder: str) -> Tuple[Dict[str, Any], Dict[str, bytes]]:
-    """The optimiser's step counters (JSON-ready) and ``Module.save_optimizer_states``'s bytes, for the state file."""
-    optimizer = getattr(module, "_optimizer", None)  # no public accessor
-    extras = {"optimizer_update_counts": _update_counts(optimizer)} if optimizer is not None else {}
-    handle, path = tempfile.mkstemp(prefix=TEMPORARY_PREFIX, dir=folder)
-    os.close(handle)
-    try:
-        module.save_optimizer_states(path)  # writes only to a file
-        with open(path, "rb") as file:
-            return extras, {"optimizer": file.read()}
-    finally:
-        os.remove(path)
+def optimizer_state(module: mx.mod.Module) -> Tuple[Dict[str, Any], Dict[str, mx.nd.NDArray]]:
+    """The optimiser's state as plain data and arrays, for the run's state file (nothing pickled).
+
+    The updater's per-parameter states (``None``, an NDArray, or tuples and
+    lists of them: momentum, Adam's mean and variance...) become arrays
+    named ``optimizer:KEY:PATH`` and a JSON description of their nesting;
+    the step counters (which ``save_optimizer_states`` leaves out) are plain
+    numbers. Empty when the optimiser state lives on a distributed kvstore's
+    servers.
+    """
+    updater = _updater(module)
+    if updater is None:
+        return {}, {}
+    arrays: Dict[str, mx.nd.NDArray] = {}
+    layout = {}
+    for key, state in updater.states.items():
+        name = f"{type(key).__name__}:{key}"
+        layout[name] = _describe_state(state, f"{OPTIMIZER_ARRAYS}{name}", arrays)
+    extras = {
+        "optimizer_type": type(updater.optimizer).__name__,
+        "optimizer_states": layout,
+        "optimizer_update_counts": _update_counts(updater.optimizer),
+    }
+    return extras, arrays
 
 
 def load_optimizer_state(
-    module: mx.mod.Module, extras: Mapping[str, Any], blobs: Mapping[str, bytes], folder: str
+    module: mx.mod.Module, extras: Mapping[str, Any], arrays: Mapping[str, mx.nd.NDArray], blobs: Mapping[str, bytes]
 ) -> None:
-    """Put :func:`optimizer_state`'s parts back into a module whose optimiser is initialised."""
-    if "optimizer" in blobs:
-        handle, path = tempfile.mkstemp(prefix=TEMPORARY_PREFIX, dir=folder)
-        try:
-            with os.fdopen(handle, "wb") as file:
-                file.write(blobs["optimizer"])
-            module.load_optimizer_states(path)
-        finally:
-            os.remove(path)
+    """Put :func:`optimizer_state`'s parts back into a module whose optimiser is initialised.
+
+    A state file written before this version holds ``Module.save_optimizer_states``'s
+    pickle instead (``blobs["optimizer"]``): it is read by an unpickler that
+    builds nothing but NDArrays and plain containers (any other class is
+    refused, so no code from the file runs).
+
+    Raises
+    ------
+    CheckpointError
+        The saved state does not fit this module's optimiser (other
+        parameters, or a pickle holding anything but arrays).
+    """
+    updater = _updater(module)
+    if updater is None:
+        return
+    saved_type, current_type = extras.get("optimizer_type"), type(updater.optimizer).__name__
+    if saved_type is not None and saved_type != current_type:
+        raise CheckpointError(f"the saved optimiser state is {saved_type}'s, and this fit uses {current_type}")
+    if "optimizer_states" in extras:
+        states = {
+            _key(name): _rebuild_state(layout, arrays) for name, layout in dict(extras["optimizer_states"]).items()
+        }
+    elif "optimizer" in blobs:
+        states = _arrays_only_unpickler(blobs["optimizer"])
+    else:
+        states = None
+    if states is not None:
+        if not isinstance(states, dict) or (updater.states and set(states) != set(updater.states)):
+            raise CheckpointError("the saved optimiser state is for other parameters than this module's")
+        updater.states = states
+        updater.states_synced = dict.fromkeys(states, False)  # moved to each weight's device at the next update
     if "optimizer_update_counts" in extras:
         _restore_update_counts(module._optimizer, extras["optimizer_update_counts"])
+
+
+OPTIMIZER_ARRAYS = "optimizer:"
+
+
+def _updater(module: mx.mod.Module) -> Any:
+    """The updater holding the optimiser states: the module's, or its local kvstore's (``None`` when distributed)."""
+    if getattr(module, "_update_on_kvstore", False):  # no public accessor
+        return getattr(module._kvstore, "_updater", None)
+    return getattr(module, "_updater", None)
+
+
+def _describe_state(state: Any, name: str, arrays: Dict[str, mx.nd.NDArray]) -> Any:
+    if state is None:
+        return None
+    if isinstance(state, mx.nd.NDArray):
+        arrays[name] = state
+        return {"array": name}
+    if isinstance(state, (tuple, list)):
+        items = [_describe_state(item, f"{name}.{index}", arrays) for index, item in enumerate(state)]
+        return {"tuple" if isinstance(state, tuple) else "list": items}
+    raise TypeError(f"optimizer state {name} is a {type(state).__name__}, not arrays")
+
+
+def _rebuild_state(layout: Any, arrays: Mapping[str, mx.nd.NDArray]) -> Any:
+    if layout is None:
+        return None
+    if isinstance(layout, dict) and len(layout) == 1:
+        ((kind, value),) = layout.items()
+        if kind == "array" and isinstance(value, str) and value in arrays:
+            return arrays[value]
+        if kind in ("tuple", "list") and isinstance(value, list):
+            items = [_rebuild_state(item, arrays) for item in value]
+            return tuple(items) if kind == "tuple" else items
+    raise CheckpointError(f"the saved optimiser state is not one this library wrote ({str(layout)[:80]})")
+
+
+def _key(name: str) -> Any:
+    kind, _, key = name.partition(":")
+    if kind == "int" and key.lstrip("-").isdigit():
+        return int(key)
+    if kind == "str":
+        return key
+    raise CheckpointError(f"the saved optimiser state has a key {name[:80]!r} this library did not write")
+
+
+class _ArraysOnlyUnpickler(pickle.Unpickler):
+    """Builds NDArrays and plain containers only: any other class in the pickle is refused."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) == ("mxnet.ndarray.ndarray", "NDArray"):
+            return mx.nd.NDArray
+        if (module, name) == ("builtins", "bytearray"):  # an NDArray's raw bytes
+            return bytearray
+        raise CheckpointError(f"the saved optimiser state refers to {module}.{name}; only arrays are read back")
+
+
+def _arrays_only_unpickler(data: bytes) -> Any:
+    try:
+        return _ArraysOnlyUnpickler(io.BytesIO(data)).load()
+    except CheckpointError:
+        raise
+    except Exception as error:  # a damaged pickle: any of pickle's many errors
+        raise CheckpointError(f"the saved optimiser state cannot be read ({type(error).__name__}: {error})") from None
 
 
 def _update_counts(optimizer: mx.optimizer.Optimizer) -> Dict[str, Any]:

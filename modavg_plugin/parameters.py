@@ -15,6 +15,7 @@ import mxnet as mx
 import numpy as np
 
 from .checks import CheckpointError
+from .dtypes import is_bfloat16
 from .params_files import load_params
 from .registry import ConfigurationError
 
@@ -22,10 +23,8 @@ __all__ = [
     "DeviceArrays",
     "NamedParameters",
     "as_context",
-    "averaging_dtype",
     "check_compatible",
     "device_copies",
-    "is_floating",
     "is_trainable",
     "load_weights",
     "named_parameters",
@@ -164,19 +163,6 @@ def readable_in_place(value_context: mx.Context, context: mx.Context) -> bool:
     return value_context == context or both_host
 
 
-def is_floating(dtype: object) -> bool:
-    """Whether arrays of ``dtype`` are averaged (floats) rather than copied (integers)."""
-    return bool(np.issubdtype(np.dtype(dtype), np.floating))
-
-
-def averaging_dtype(dtype: object) -> np.dtype:
-    """The dtype averages of ``dtype`` are kept in: at least float32 for floats."""
-    dtype = np.dtype(dtype)
-    if is_floating(dtype) and dtype.itemsize < 4:
-        return np.dtype(np.float32)
-    return dtype
-
-
 def check_compatible(values: Mapping[str, mx.nd.NDArray], parameters: NamedParameters, source: str) -> None:
     """Raise, naming the key and ``source``, unless ``values`` fits ``parameters`` exactly."""
     for name, parameter in parameters:
@@ -213,8 +199,10 @@ def write_array(value: mx.nd.NDArray, target: mx.nd.NDArray) -> None:
     """
     if value.context != target.context:
         value = value.as_in_context(target.context)
-    if np.dtype(value.dtype) == np.dtype(target.dtype):
+    if value.dtype == target.dtype:
         mx.nd.identity(value, out=target)
+    elif is_bfloat16(target.dtype):  # cast truncates to bfloat16; amp_cast rounds (with MKLDNN: to nearest, even)
+        mx.nd.amp_cast(value, dtype=target.dtype, out=target)
     else:
         mx.nd.cast(value, dtype=target.dtype, out=target)
 

@@ -18,8 +18,9 @@ The layout (MXNet 1.x ``NDArray::Save``, dense arrays): ``uint64 0x112``,
 ``int32 storage type (0: dense)``, ``int32 ndim``, ``int64 dims[ndim]``,
 ``int32 device type``, ``int32 device id``, ``int32 dtype flag``, the raw
 little-endian values; then ``uint64 count`` names, each ``uint64 length`` +
-bytes. Other variants (sparse arrays, the V3 layout of NumPy-shape arrays,
-bfloat16, unnamed lists) are left to ``mx.nd.load``, but only after
+bytes. bfloat16 values (dtype flag 12, which NumPy lacks) are handed out
+widened to float32, exactly. Other variants (sparse arrays, the V3 layout of
+NumPy-shape arrays, unnamed lists) are left to ``mx.nd.load``, but only after
 :func:`check_layout` has walked their headers too: ``mx.nd.load`` trusts
 declared sizes (a 100-byte file declaring a terabyte makes it try to
 allocate one) and sparse indices (one out of range aborts the process when
@@ -39,8 +40,10 @@ import mxnet as mx
 import numpy as np
 
 from .checks import CheckpointError
+from .dtypes import BFLOAT16, bfloat16_to_float32
 
 __all__ = [
+    "BFLOAT16",
     "ArrayEntry",
     "ParamsFile",
     "ParamsFileReader",
@@ -58,7 +61,7 @@ ARRAY_MAGIC_V2 = 0xF993FAC9
 ARRAY_MAGIC_V3 = 0xF993FACA  # NumPy-shape semantics: ndim 0 is a scalar, -1 unknown
 DENSE_STORAGE = 0
 AUX_ARRAYS = {DENSE_STORAGE: 0, 1: 1, 2: 2}  # storage type -> index arrays: row_sparse (rows), csr (indptr, indices)
-BFLOAT16_FLAG = 12  # known to MXNet, not to NumPy: left to mx.nd.load
+BFLOAT16_FLAG = 12
 DTYPE_FLAGS = {
     0: np.float32,
     1: np.float64,
@@ -68,10 +71,9 @@ DTYPE_FLAGS = {
     5: np.int8,
     6: np.int64,
     7: np.bool_,
-    8: np.int16,
-    9: np.uint16,
-    10: np.uint32,
-    11: np.uint64,
+    # 8-11 (int16, uint16, uint32, uint64) are known to this layout but not to MXNet 1.9's loader: left to
+    # mx.nd.load, which refuses them, so such a file is skipped with its reason
+    BFLOAT16_FLAG: BFLOAT16,
 }
 
 
@@ -191,14 +193,29 @@ class ParamsFile:
         """``(first index, values)`` pieces of array ``name``, flat, in order.
 
         Each piece is a view of the shared buffer, valid until the next one.
+        bfloat16 arrays come as float32 pieces (exactly their values; NumPy
+        has no bfloat16): a chunk's 2-byte values are read behind the 4 bytes
+        each will take, then widened in the same buffer.
         """
         entry = self.entries[name]
+        if entry.dtype == BFLOAT16:
+            yield from self._bfloat16_chunks(entry)
+            return
         per_chunk = max(1, len(self._buffer) // entry.dtype.itemsize)
         for start in range(0, entry.size, per_chunk):
             count = min(per_chunk, entry.size - start)
             view = self._buffer[: count * entry.dtype.itemsize]
             self._read_exactly(view, entry.offset + start * entry.dtype.itemsize)
             yield start, view.view(entry.dtype)
+
+    def _bfloat16_chunks(self, entry: ArrayEntry) -> Iterator[Tuple[int, np.ndarray]]:
+        per_chunk = max(1, len(self._buffer) // 6)  # 4 bytes of float32 and 2 read, per value
+        widened = self._buffer[: 4 * per_chunk].view(np.float32)
+        for start in range(0, entry.size, per_chunk):
+            count = min(per_chunk, entry.size - start)
+            raw = self._buffer[4 * per_chunk : 4 * per_chunk + 2 * count]
+            self._read_exactly(raw, entry.offset + 2 * start)
+            yield start, bfloat16_to_float32(raw, out=widened[:count])
 
     def _read_exactly(self, view: np.ndarray, offset: int) -> None:
         done = 0
@@ -339,8 +356,6 @@ def _check_storage_shape(
 
 
 def _itemsize(flag: int, index: int, integer: bool = False) -> int:
-    if flag == BFLOAT16_FLAG and not integer:
-        return 2
     if flag not in DTYPE_FLAGS or (integer and np.dtype(DTYPE_FLAGS[flag]).kind not in "iu"):
         kind = "sparse index dtype" if integer else "dtype"
         raise ParamsFormatError(f"array {index} has unknown {kind} flag {flag}")
@@ -421,7 +436,7 @@ def load_params(path: str) -> Dict[str, mx.nd.NDArray]:
     check_is_file(path)
     try:
         loaded = mx.nd.load(path)
-    except mx.base.MXNetError as error:
+    except Exception as error:  # MXNetError, or a bare Exception ("unknown storage type: -1" for an empty entry)
         reason = str(error).strip().splitlines()[-1] if str(error).strip() else type(error).__name__
         raise CheckpointError(f"checkpoint file {path} is not a readable .params file ({reason})") from None
     if not isinstance(loaded, dict):

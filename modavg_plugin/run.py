@@ -27,6 +27,7 @@ import contextlib
 import logging
 import math
 import os
+import uuid
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, Iterable, Iterator, List, Mapping, Optional, Tuple, Union
 
@@ -34,7 +35,7 @@ import mxnet as mx
 
 from .averages import MovingAverage
 from .checkpoint_log import CheckpointLog
-from .checks import CheckpointError, check_integer
+from .checks import CheckpointError, check_integer, list_some
 from .files import arrays_named, read_state_file, save_state_file
 from .parameters import (
     NamedParameters,
@@ -60,11 +61,13 @@ STATE_FORMAT = 1
 POSTHOC_ARRAYS = "posthoc:"  # the post-hoc EMAs' arrays in a state file: average:posthoc:INDEX/NAME
 ENGINE_STATE_KEYS = frozenset(
     {"format", "epochs_done", "num_updates", "history", "records", "trigger", "posthoc", "num_applied", "num_steps"}
-    | {"start_step"}
+    | {"start_step", "run_id"}
 )
 HIGHER_IS_BETTER = ("accuracy", "acc", "top_k_accuracy", "f1", "mcc", "pearsonr", "pcc")
 LOWER_IS_BETTER = ("loss", "cross-entropy", "ce", "nll", "perplexity", "mse", "mae", "rmse", "error")
 Write = Callable[[Mapping[str, mx.nd.NDArray]], None]
+StateExtras = Callable[[], Tuple[Dict[str, Any], Dict[str, mx.nd.NDArray]]]
+HOST_ARRAYS = "host:"  # the host's own arrays in a state file
 
 
 @dataclass(frozen=True)
@@ -73,7 +76,8 @@ class ResumedState:
 
     raw: Dict[str, mx.nd.NDArray]
     extras: Dict[str, Any]  # the JSON-ready values the host's ``state_extras`` gave
-    blobs: Dict[str, bytes]
+    arrays: Dict[str, mx.nd.NDArray]  # and its arrays
+    blobs: Dict[str, bytes]  # bytes kept by files of earlier versions (never written now)
 
 
 class AveragingRun:
@@ -166,16 +170,19 @@ class AveragingRun:
         self.saves_state = True  # False where the host cannot resume (a distributed kvstore)
         self.moving_average: Optional[MovingAverage] = None
         self.posthoc_snapshots: Optional[PostHocSnapshots] = None
-        self.checkpoints = CheckpointLog(self.strategy, self.checkpoint_dir)
+        self.run_id: Optional[str] = uuid.uuid4().hex[:16]
+        """Stamped on every file this run writes (a resumed run keeps the stopped one's; ``None``: unstamped, old)."""
+        self.checkpoints = CheckpointLog(self.strategy, self.checkpoint_dir, run_id=self.run_id, file_stem=file_stem)
         self.history: List[Dict[str, Any]] = []
         self.num_updates = 0
         self.epochs_done = 0
         self.max_epochs: Optional[int] = None
         self.resumed = False
         self._parameters: Optional[NamedParameters] = None
-        self._write: Write = self._write_into_parameters
+        self._host_write: Optional[Write] = None  # None: into the parameters (no bound method kept: no cycle)
         self._pending: Optional[Tuple[Dict[str, Any], Dict[str, mx.nd.NDArray]]] = None
         self._metric_checked = metric_names is not None
+        self._claimed = False
 
     @property
     def state_path(self) -> Optional[str]:
@@ -199,18 +206,26 @@ class AveragingRun:
         """
         if not self.resume_requested or not os.path.isfile(str(self.state_path)):
             return None
-        state, arrays, blobs = read_state_file(str(self.state_path))
+        try:
+            state, arrays, blobs = read_state_file(str(self.state_path))
+            counters = _checked_state(state, str(self.state_path))
+        except CheckpointError:
+            self.checkpoints.close()
+            raise
+        self.run_id = self.checkpoints.run_id = counters["run_id"]
         self.checkpoints.restore(state.get("records", []))
-        self.history = [dict(entry) for entry in state.get("history", [])]
-        self.epochs_done = check_integer("the saved 'epochs_done'", state.get("epochs_done"), 0, CheckpointError)
-        self.num_updates = check_integer("the saved 'num_updates'", state.get("num_updates", 0), 0, CheckpointError)
+        self.history, self.epochs_done, self.num_updates = (
+            counters["history"],
+            counters["epochs_done"],
+            counters["num_updates"],
+        )
         self._pending = (state, arrays)
         self.resumed = True
         logger.info(
             "resuming after %d epochs and %d updates from %s", self.epochs_done, self.num_updates, self.state_path
         )
         extras = {key: value for key, value in state.items() if key not in ENGINE_STATE_KEYS}
-        return ResumedState(arrays_named(arrays, "raw:"), extras, blobs)
+        return ResumedState(arrays_named(arrays, "raw:"), extras, arrays_named(arrays, HOST_ARRAYS), blobs)
 
     def start(
         self,
@@ -232,11 +247,11 @@ class AveragingRun:
             How many epochs this training will run (a trigger needs it).
         """
         self._parameters = named_parameters(parameters)
-        self._write = write or self._write_into_parameters
+        self._host_write = write
         self.expect_epochs(epochs_ahead)
         self.max_epochs = None if epochs_ahead is None else self.epochs_done + int(epochs_ahead)
-        if self.posthoc_options is not None and not self.resumed and self.posthoc_snapshots is None:
-            check_no_earlier_snapshots(self.posthoc_options["folder"])
+        if not self._claimed:
+            self._claim_folder()
         if self.average_config is not None:
             config = dict(self.average_config, shadow_context=self.shadow_context)
             if self.trigger is not None:
@@ -245,10 +260,28 @@ class AveragingRun:
         if self.posthoc_options is not None:
             options = self.posthoc_options
             self.posthoc_snapshots = PostHocSnapshots(
-                self._parameters, options["folder"], options["sigma_rels"], self.shadow_context
+                self._parameters, options["folder"], options["sigma_rels"], self.shadow_context, run_id=self.run_id
             )
         if self._pending is not None:
             self._load_pending(*self._pending)
+
+    def _claim_folder(self) -> None:
+        """A given checkpoint folder is this run's alone: locked while it runs, refused when another left files there."""
+        self._claimed = True
+        if self.checkpoint_dir is None or not self.writer:
+            return
+        if not self.resumed:
+            earlier = self.checkpoints.earlier_run_files()
+            earlier += [self.state_name] if os.path.isfile(str(self.state_path)) else []
+            if earlier:
+                raise CheckpointError(
+                    f"checkpoint folder {self.checkpoint_dir} already holds files of an earlier run "
+                    f"({list_some(earlier, ', ', ', ')}), which this run would overwrite and mix with its own: "
+                    "give another folder, remove them, or continue that run (resume=True)"
+                )
+            if self.posthoc_options is not None:
+                check_no_earlier_snapshots(self.posthoc_options["folder"])
+        self.checkpoints.open()  # takes the folder's lock
 
     def expect_epochs(self, epochs_ahead: Optional[int]) -> None:
         """:class:`ConfigurationError` when a trigger is configured and the number of epochs to run is unknown."""
@@ -258,19 +291,30 @@ class AveragingRun:
             )
 
     def _load_pending(self, state: Mapping[str, Any], arrays: Mapping[str, mx.nd.NDArray]) -> None:
+        """The saved averages, trigger memory and post-hoc EMAs into this run's; :class:`CheckpointError` naming the file."""
+        try:
+            self._load_saved_averages(state, arrays)
+        except (KeyError, ValueError, TypeError) as error:
+            message = error.args[0] if isinstance(error, KeyError) and error.args else error
+            raise CheckpointError(f"cannot resume from {self.state_path}: {message}") from None
+
+    def _load_saved_averages(self, state: Mapping[str, Any], arrays: Mapping[str, mx.nd.NDArray]) -> None:
         averages = arrays_named(arrays, "average:")
+        saved_average = None
         if self.moving_average is not None:
             if "num_applied" not in state:
-                raise CheckpointError(
-                    f"cannot resume from {self.state_path}: it holds no moving average, this run has one"
-                )
+                raise ValueError("it holds no moving average, and this run has one")
             shadows = {name: value for name, value in averages.items() if not name.startswith(POSTHOC_ARRAYS)}
-            self.moving_average.load_state_dict({**state, "shadows": shadows})
-        if self.trigger is not None:
-            self.trigger.load_state_dict(state.get("trigger", {}))
+            saved_average = {**state, "shadows": shadows}
+            self.moving_average.check_state_dict(saved_average)  # all checked before anything is loaded
         if self.posthoc_snapshots is not None and "posthoc" in state:
             posthoc_arrays = arrays_named(averages, POSTHOC_ARRAYS) or arrays_named(arrays, POSTHOC_ARRAYS)
             self.posthoc_snapshots.load_state(state["posthoc"], posthoc_arrays)
+        if self.trigger is not None:
+            trigger_state = state.get("trigger", {})
+            self.trigger.load_state_dict(trigger_state if isinstance(trigger_state, Mapping) else {})
+        if saved_average is not None:
+            self.moving_average.load_state_dict(saved_average)
 
     # Training -----------------------------------------------------------------
 
@@ -318,7 +362,7 @@ class AveragingRun:
         score: float,
         metrics: Optional[Mapping[str, float]] = None,
         notes: Optional[Mapping[str, float]] = None,
-        state_extras: Optional[Callable[[], Tuple[Dict[str, Any], Dict[str, bytes]]]] = None,
+        state_extras: Optional[StateExtras] = None,
         score_name: str = "loss",
     ) -> Optional[str]:
         """An epoch ended: maybe start the average, save the checkpoint and the state, log the epoch.
@@ -335,7 +379,8 @@ class AveragingRun:
             epoch's history entry is ``epoch_no``, the notes and the metrics.
         state_extras
             Called when the state is saved: the host's own JSON-ready values
-            and bytes to keep in the state file (returned by :meth:`resume`).
+            and arrays by name to keep in the state file (given back by
+            :meth:`resume` as ``extras`` and ``arrays``).
         score_name
             What the score measures (``"loss"``, ``"accuracy"``...): a strategy
             ranking it the wrong way round gets a warning.
@@ -407,13 +452,15 @@ class AveragingRun:
 
     # Resume state --------------------------------------------------------------
 
-    def _save_state(self, state_extras: Optional[Callable[[], Tuple[Dict[str, Any], Dict[str, bytes]]]]) -> None:
+    def _save_state(self, state_extras: Optional[StateExtras]) -> None:
         """Everything a resumed run needs, in one file written atomically; a failure is a warning."""
         state: Dict[str, Any] = {
             "format": STATE_FORMAT,
             "epochs_done": self.epochs_done,
             "num_updates": self.num_updates,
         }
+        if self.run_id is not None:
+            state["run_id"] = self.run_id
         state.update(history=self.history, records=self.checkpoints.state())
         arrays = {f"raw:{name}": value for name, value in self.raw_weights().items()}
         if self.moving_average is not None:
@@ -425,12 +472,13 @@ class AveragingRun:
             state["posthoc"] = self.posthoc_snapshots.counters()
             posthoc_arrays = self.posthoc_snapshots.state_arrays().items()
             arrays.update({f"average:{POSTHOC_ARRAYS}{name}": value for name, value in posthoc_arrays})
-        extras, blobs = state_extras() if state_extras is not None else ({}, {})
+        extras, host_arrays = state_extras() if state_extras is not None else ({}, {})
         clashing = sorted(set(extras) & ENGINE_STATE_KEYS)
         if clashing:
             raise ValueError(f"state_extras: key {clashing[0]!r} is the run's own; name the host's values otherwise")
+        arrays.update({f"{HOST_ARRAYS}{name}": value for name, value in host_arrays.items()})
         try:
-            save_state_file(str(self.state_path), {**state, **extras}, arrays, blobs)
+            save_state_file(str(self.state_path), {**state, **extras}, arrays, blobs={})
         except OSError as error:
             logger.warning(
                 "could not save the averaging state in %s (%s); a resume would start from the one before",
@@ -541,6 +589,13 @@ class AveragingRun:
             raise RuntimeError("AveragingRun.start(parameters) has not been called")
         return self._parameters
 
+    def _write(self, arrays: Mapping[str, mx.nd.NDArray]) -> None:
+        """Put ``arrays`` into the network: the host's way, or into the tracked parameters."""
+        if self._host_write is not None:
+            self._host_write(arrays)
+        else:
+            self._write_into_parameters(arrays)
+
     def _write_into_parameters(self, arrays: Mapping[str, mx.nd.NDArray]) -> None:
         """Copy ``arrays`` into the tracked parameters they name (every one checked first); the others stay."""
         tracked = self._tracked()
@@ -548,3 +603,28 @@ class AveragingRun:
         if unknown:
             raise KeyError(f"the averaged weights have {unknown[0]!r}, which the network does not have")
         write_into_parameters(arrays, [(name, p) for name, p in tracked if name in arrays], "the averaged weights")
+
+
+def _checked_state(state: Mapping[str, Any], path: str) -> Dict[str, Any]:
+    """The engine's own counters from a state file, each checked; :class:`CheckpointError` naming the file and field."""
+
+    def refuse(field: str, wanted: str) -> CheckpointError:
+        return CheckpointError(f"cannot resume from {path}: its {field!r} is not {wanted}")
+
+    checked: Dict[str, Any] = {}
+    for field in ("epochs_done", "num_updates"):
+        value = state.get(field, 0 if field == "num_updates" else None)
+        if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < 2**53:
+            raise refuse(field, "an integer >= 0")
+        checked[field] = value
+    history = state.get("history", [])
+    if not isinstance(history, list) or not all(isinstance(entry, dict) for entry in history):
+        raise refuse("history", "a list of objects")
+    checked["history"] = [dict(entry) for entry in history]
+    run_id = state.get("run_id")
+    if run_id is not None and not (isinstance(run_id, str) and 0 < len(run_id) <= 64):
+        raise refuse("run_id", "a short string")
+    checked["run_id"] = run_id
+    if not isinstance(state.get("records", []), list):
+        raise refuse("records", "a list")
+    return checked

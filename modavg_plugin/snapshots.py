@@ -15,7 +15,7 @@ Both are written atomically.
 
 import logging
 import os
-from typing import Any, Dict, Iterable, List, Mapping, Sequence, Tuple, Union
+from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
 
 import mxnet as mx
 
@@ -87,6 +87,9 @@ class PostHocSnapshots:
     shadow_context
         Where the averages live: an ``mx.Context`` or text such as ``"cpu"``;
         ``None``: each parameter's first device copy.
+    run_id
+        Stamped on each record (``"run_id"``), so that snapshots of two runs
+        in one folder are told apart; ``None``: not stamped.
 
     Examples
     --------
@@ -101,8 +104,10 @@ class PostHocSnapshots:
         folder: str,
         sigma_rels: Sequence[float] = DEFAULT_SIGMA_RELS,
         shadow_context: Union[None, str, mx.Context] = None,
+        run_id: Optional[str] = None,
     ) -> None:
         self.sigma_rels = check_sigma_rels(sigma_rels)
+        self.run_id = run_id
         self.folder = os.fspath(folder)
         parameters = list(parameters)  # read once per average
         self.averages = [
@@ -168,6 +173,8 @@ class PostHocSnapshots:
         average = self.averages[index]
         save_params(params_path, average.shadows)
         record = {"params_path": params_name, "step": step, "gamma": average.gamma, "sigma_rel": self.sigma_rels[index]}
+        if self.run_id is not None:
+            record["run_id"] = self.run_id
         save_json(os.path.join(self.folder, stem + POSTHOC_INFO_SUFFIX), record)
         return params_path
 
@@ -230,6 +237,8 @@ class PostHocSnapshots:
         counts = sorted({int(average_state["num_applied"]) for average_state in states})
         if len(counts) > 1:
             raise ValueError(f"post-hoc state: its averages hold different numbers of steps {counts}")
+        for average, average_state in zip(self.averages, states):
+            average.check_state_dict(average_state)  # every average checked before any is changed
         for average, average_state in zip(self.averages, states):
             average.load_state_dict(average_state)
         self.last_saved_step = self.num_steps  # the stopped run saved (or chose not to save) this step

@@ -29,9 +29,9 @@ import mxnet as mx
 import numpy as np
 
 from .checks import CheckpointError, check_integer, list_some, shown_value
+from .dtypes import is_floating
 from .files import save_params
 from .folders import read_checkpoint_records
-from .parameters import is_floating
 from .params_files import load_params
 from .registry import ConfigurationError, Registrable
 from .weighted_sum import WeightedSum, all_finite, average_arrays, average_checkpoint_files, host_array
@@ -107,7 +107,7 @@ class AveragingStrategy(Registrable):
     def __hash__(self) -> int:
         return hash((type(self), tuple(sorted(self.__getnewargs_ex__()[1].items()))))
 
-    def apply(self, model_path: str, *, allow_outside_folder: bool = False) -> str:
+    def apply(self, model_path: str, *, allow_outside_folder: bool = False, run: Optional[str] = None) -> str:
         """Average the folder's selected checkpoints; return the path of the file written.
 
         The result is ``{model_path}/averaged_model-0000.params``. Unusable
@@ -123,20 +123,25 @@ class AveragingStrategy(Registrable):
         allow_outside_folder
             Accept epoch info whose ``params_path`` lies outside the folder
             (refused by default).
+        run
+            The run whose checkpoints to average (its ``run_id``), when the
+            folder holds several runs' (refused without it).
         """
-        records = self.get_checkpoint_information(model_path, allow_outside_folder=allow_outside_folder)
+        records = self.get_checkpoint_information(model_path, allow_outside_folder=allow_outside_folder, run=run)
         paths, weights = self.select_checkpoints(records)
         averaged_path = os.path.join(model_path, AVERAGED_MODEL_NAME)
         save_params(averaged_path, self.average(paths, weights))
         return averaged_path
 
     @staticmethod
-    def get_checkpoint_information(model_path: str, allow_outside_folder: bool = False) -> List[Dict[str, Any]]:
+    def get_checkpoint_information(
+        model_path: str, allow_outside_folder: bool = False, run: Optional[str] = None
+    ) -> List[Dict[str, Any]]:
         """The usable epoch-info records (``params_path``, ``epoch_no``, metrics) in ``model_path``.
 
         See :func:`~modavg_plugin.folders.read_checkpoint_records`.
         """
-        return read_checkpoint_records(model_path, allow_outside_folder=allow_outside_folder)
+        return read_checkpoint_records(model_path, allow_outside_folder=allow_outside_folder, run=run)
 
     def select_checkpoints(
         self, checkpoints: Sequence[Mapping[str, Any]], evaluate: Optional[Evaluation] = None

@@ -39,7 +39,7 @@ from mxnet.base import _LIB, check_call
 from scipy.linalg import blas
 from threadpoolctl import ThreadpoolController
 
-from .parameters import is_floating
+from .dtypes import is_floating
 
 __all__ = [
     "MULTI_TENSOR_LIMIT",

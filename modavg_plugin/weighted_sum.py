@@ -4,6 +4,18 @@ Sums are kept on the host in float32 or wider (float64 stays float64),
 updated in place; checkpoint files are streamed into them in 1 MiB chunks,
 so peak memory is one model size (the sums) plus 1 MiB whatever the number
 of files. Integer arrays are copied from the first source, not averaged.
+
+Every floating dtype MXNet writes is averaged: float16, float32, float64 and
+bfloat16 (MXNet's ``amp_cast`` writes it; NumPy has none, MXNet shows it as
+the record dtype :data:`~.params_files.BFLOAT16`). bfloat16 values are
+widened to float32 exactly, summed in float32, and the mean is rounded back
+to bfloat16 here, to nearest with ties to even, instead of by MXNet: its
+``amp_cast`` rounds so only through MKLDNN (which also flushes subnormals to
+zero, and refuses arrays of 7 or more dimensions); without MKLDNN
+(``MXNET_MKLDNN_ENABLED=0``), and in ``astype``/``cast`` always, it truncates,
+turning some NaN into infinity. An array must have one dtype in every
+source: a float16 array in one file and float32 in another (or float32 and
+float64, or int32 and float32) is an error naming the array and both files.
 """
 
 import logging
@@ -15,7 +27,14 @@ import mxnet as mx
 import numpy as np
 
 from .checks import CheckpointError
-from .parameters import averaging_dtype, is_floating
+from .dtypes import (
+    BFLOAT16,
+    averaging_dtype,
+    bfloat16_to_float32,
+    dtype_name,
+    is_floating,
+    round_to_bfloat16,
+)
 from .params_files import ParamsFile, ParamsFileReader, ParamsFormatError, load_params, open_params
 from .update_kernels import SCRATCH_VALUES, ZeroCopyView, blend_in_place, single_threaded_blas
 
@@ -89,7 +108,15 @@ def normalised_weights(weights: Sequence[float], count: int) -> List[float]:
 
 
 def host_array(value: ArrayLike) -> np.ndarray:
-    """A NumPy array of ``value``: zero-copy for CPU NDArrays (keep ``value`` alive while using it)."""
+    """A NumPy array of ``value``: zero-copy for CPU NDArrays (keep ``value`` alive while using it).
+
+    bfloat16 values (NumPy has no bfloat16) come as a float32 copy, exact.
+    """
+    return summable(_host_view(value))
+
+
+def _host_view(value: ArrayLike) -> np.ndarray:
+    """``value`` on the host as it is stored: zero-copy for CPU NDArrays, bfloat16 as :data:`BFLOAT16` records."""
     if isinstance(value, np.ndarray):
         return value
     if value.context.device_type == "cpu" and value.stype == "default":
@@ -97,14 +124,21 @@ def host_array(value: ArrayLike) -> np.ndarray:
     return value.asnumpy()  # sparse or on another device: a dense host copy
 
 
+def summable(values: np.ndarray) -> np.ndarray:
+    """``values`` as NumPy can compute with them: bfloat16 widened to a float32 copy (exact), others as they are."""
+    return bfloat16_to_float32(values) if values.dtype == BFLOAT16 else values
+
+
 class WeightedSum:
     """Running weighted sum of named arrays, on the host, in float32 or wider, updated in place.
 
-    Floating arrays are summed (BLAS ``axpy``) in one flat buffer per
-    summing dtype; integer arrays are copied from the first source added (the
-    best-ranked checkpoint when sources come sorted). Memory: one copy of the
-    sums, whatever the number of sources. Values arrive as pieces
-    ``(name, first index, flat values)``, whole arrays or chunks of them.
+    Floating arrays (bfloat16 too, see the module's docstring) are summed
+    (BLAS ``axpy``) in one flat buffer per summing dtype; integer arrays are
+    copied from the first source added (the best-ranked checkpoint when
+    sources come sorted). An array's dtype must be the same in every source.
+    Memory: one copy of the sums, whatever the number of sources. Values
+    arrive as pieces ``(name, first index, flat values)``, whole arrays or
+    chunks of them.
     """
 
     def __init__(self) -> None:
@@ -118,10 +152,13 @@ class WeightedSum:
         self.total_weight = 0.0
 
     def add(self, arrays: Mapping[str, ArrayLike], weight: float, source: str) -> None:
-        """Add ``weight * arrays`` (NDArrays or NumPy arrays); keys and shapes must match the first source."""
-        values = {name: host_array(array) for name, array in arrays.items()}
+        """Add ``weight * arrays`` (NDArrays or NumPy arrays); keys, shapes and dtypes must match the first source.
+
+        bfloat16 arrays are widened to float32 one at a time, as they are summed.
+        """
+        values = {name: _host_view(array) for name, array in arrays.items()}
         specification = {name: (value.dtype, value.shape) for name, value in values.items()}
-        pieces = ((name, 0, value.reshape(-1)) for name, value in values.items())
+        pieces = ((name, 0, summable(value.reshape(-1))) for name, value in values.items())
         self.add_pieces(specification, pieces, weight, source)
 
     def add_file(self, params_file: ParamsFile, weight: float) -> None:
@@ -137,7 +174,13 @@ class WeightedSum:
         weight: float,
         source: str,
     ) -> None:
-        """Add ``weight *`` a source given as ``name -> (dtype, shape)`` and its ``(name, start, values)`` pieces."""
+        """Add ``weight *`` a source given as ``name -> (dtype, shape)`` and its ``(name, start, values)`` pieces.
+
+        ``dtype`` is the source's own (bfloat16 as :data:`BFLOAT16`), while
+        the pieces of bfloat16 arrays come as float32. Keys, shapes and
+        dtypes are checked against the first source before anything is
+        summed: :class:`CheckpointError` naming the array and both sources.
+        """
         first = not self._shapes
         if first:
             self._allocate(specification, source)
@@ -181,10 +224,15 @@ class WeightedSum:
     def _check_matches(self, specification: Mapping[str, Tuple[np.dtype, Tuple[int, ...]]], source: str) -> None:
         check_same_names(specification, source, self._shapes, self._first_source)
         for name, shape in self._shapes.items():
-            if tuple(specification[name][1]) != shape:
+            dtype, new_shape = specification[name]
+            if tuple(new_shape) != shape:
                 raise CheckpointError(
-                    f"parameter {name!r} has shape {tuple(specification[name][1])} in {source} "
-                    f"but {shape} in {self._first_source}"
+                    f"parameter {name!r} has shape {tuple(new_shape)} in {source} but {shape} in {self._first_source}"
+                )
+            if np.dtype(dtype) != self._dtypes[name]:
+                raise CheckpointError(
+                    f"parameter {name!r} has dtype {dtype_name(dtype)} in {source} "
+                    f"but {dtype_name(self._dtypes[name])} in {self._first_source} (mixed dtypes are not averaged)"
                 )
 
     def all_finite(self) -> bool:
@@ -233,9 +281,20 @@ class WeightedSum:
                 arrays[name] = mx.nd.array(self._integers[name], ctx=context, dtype=self._dtypes[name])
                 continue
             flat_dtype, start = self._places[name]
+            if self._dtypes[name] == BFLOAT16:
+                arrays[name] = _bfloat16_array(flats[flat_dtype][start : start + math.prod(shape)], shape, context)
+                continue
             view = shared[flat_dtype][start : start + math.prod(shape)].reshape(shape)
             arrays[name] = view.astype(self._dtypes[name], copy=False).as_in_context(context)
         return arrays
+
+
+def _bfloat16_array(values: np.ndarray, shape: Tuple[int, ...], context: mx.Context) -> mx.nd.NDArray:
+    """A bfloat16 NDArray of the flat float32 ``values`` (:func:`round_to_bfloat16`), on ``context``."""
+    array = mx.nd.empty(shape, ctx=mx.cpu(), dtype=BFLOAT16)
+    if values.size:
+        round_to_bfloat16(values, ZeroCopyView().write(array))
+    return array.as_in_context(context)
 
 
 def all_finite(flat: np.ndarray) -> bool:
@@ -349,7 +408,7 @@ def _add_loaded(total: WeightedSum, path: str, weight: float) -> None:
     """Add a file in a layout left to ``mx.nd.load``; ``Unusable`` if it cannot be loaded or converted."""
     try:
         loaded = load_params(path)
-        values = {name: host_array(array) for name, array in loaded.items()}  # views of ``loaded``: keep it
+        values = {name: _host_view(array) for name, array in loaded.items()}  # views of ``loaded``: keep it
     except CheckpointError as error:
         raise Unusable(str(error)) from None
     except (mx.base.MXNetError, ValueError, TypeError) as error:  # e.g. a dtype NumPy does not have

@@ -16,6 +16,7 @@ from numpy.testing import assert_allclose
 
 from modavg_plugin import (
     AveragingCallback,
+    CheckpointError,
     CheckpointAveragingCallback,
     ConfigurationError,
     ExponentialAveragingCallback,
@@ -66,8 +67,9 @@ def test_ema_with_mean_strategy_averages_the_best_epoch_averages(tmp_path):
 def test_without_a_strategy_only_the_latest_checkpoint_is_kept(tmp_path):
     callback = ExponentialAveragingCallback(decay=0.9, checkpoint_dir=str(tmp_path))
     probe = train(callback, epochs=3, batches=2)
-    checkpoints = sorted(name for name in os.listdir(tmp_path) if not name.startswith("averaging-state"))
+    checkpoints = sorted(name for name in os.listdir(tmp_path) if not name.startswith(("averaging-state", ".")))
     assert checkpoints == ["epoch-0002-epoch-info.json", "epoch-0002.params"]
+    assert os.path.isfile(tmp_path / ".epoch.lock")  # the run's lock, released: the next run may take it
     saved = mx.nd.load(str(tmp_path / "epoch-0002.params"))
     expected = independent_ema(probe.raw_after_step, 0.9, 6)
     # files name parameters relative to the network, without Gluon's per-process prefix
@@ -464,6 +466,10 @@ def test_posthoc_snapshots_of_an_earlier_run_in_the_folder_are_refused(tmp_path)
     settings = {"type": "moving_average", "checkpoint_dir": str(tmp_path), "posthoc": {"every_epochs": 1}}
     train(AveragingCallback.from_config(settings), with_validation=False, epochs=1, batches=2)
     assert len(glob.glob(str(tmp_path / "posthoc" / "*.params"))) == 2
+    with pytest.raises(CheckpointError, match=r"already holds files of an earlier run.*resume=True"):
+        train(AveragingCallback.from_config(settings), with_validation=False, epochs=1, batches=2)
+    for leftover in glob.glob(str(tmp_path / "epoch-*")) + [str(tmp_path / "averaging-state.params")]:
+        os.remove(leftover)  # only the snapshots are left
     with pytest.raises(ConfigurationError, match=r"already holds snapshots of an earlier run.*resume=True"):
         train(AveragingCallback.from_config(settings), with_validation=False, epochs=1, batches=2)
 

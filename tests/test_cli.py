@@ -345,8 +345,8 @@ def test_selected_checkpoints_unreadable_after_selection(folder, capsys, monkeyp
     checkpoints, _ = folder
     read_records = AveragingStrategy.get_checkpoint_information
 
-    def read_then_break(model_path, allow_outside_folder=False):
-        records = read_records(model_path, allow_outside_folder=allow_outside_folder)
+    def read_then_break(model_path, allow_outside_folder=False, run=None):
+        records = read_records(model_path, allow_outside_folder=allow_outside_folder, run=run)
         for epoch in (1, 3):
             (checkpoints / f"epoch-{epoch:04d}.params").write_text("not a params file")
         return records

@@ -317,7 +317,8 @@ def trained_members(run: Run) -> List[Tuple[AveragingCallback, Probe, mx.gluon.B
 
     NBEATSEnsemble trains one member estimator per configuration, each with a deep copy of the Trainer made
     when the ensemble is constructed, so the callbacks (ours and the probe) that run are the member's copies,
-    never the ones given; each member's predictor then holds the member's own average.
+    never the ones given; each member's predictor then holds the member's own average. (The copies share
+    any ``checkpoint_dir``: the second member then refuses the folder the first one filled, a CheckpointError.)
     """
     if isinstance(run.predictor, NBEATSEnsemblePredictor):
         members = []
@@ -362,11 +363,11 @@ def assert_finite_forecasts(run: Run) -> None:
 
 def modes(names: List[str], first_hybridized: bool) -> List:
     """One parameter set per estimator; hybridized or not alternates down the list."""
-    return [
-        pytest.param(name, hybridize, id=f"{name}-{'hybridized' if hybridize else 'imperative'}")
-        for index, name in enumerate(names)
-        for hybridize in [(index % 2 == 0) == first_hybridized]
-    ]
+    params = []
+    for index, name in enumerate(names):
+        hybridize = (index % 2 == 0) == first_hybridized
+        params.append(pytest.param(name, hybridize, id=f"{name}-{'hybridized' if hybridize else 'imperative'}"))
+    return params
 
 
 @pytest.fixture(autouse=True)

@@ -133,7 +133,7 @@ def test_checkpoints_are_module_checkpoints_and_the_end_is_the_strategy_average(
 
     assert sorted(saved) == [1, 2, 3]
     best = sorted(saved, key=lambda epoch: (-saved[epoch][1]["accuracy"], epoch))[:2]
-    files = sorted(name for name in os.listdir(tmp_path / "out") if "averaging-state" not in name)
+    files = sorted(name for name in os.listdir(tmp_path / "out") if "averaging-state" not in name and name[0] != ".")
     expected_files = ["model-symbol.json"] + [
         f"model-{e:04d}{s}" for e in sorted(best) for s in (".params", "-epoch-info.json")
     ]
@@ -168,8 +168,9 @@ def test_without_validation_epochs_are_saved_with_training_metrics_and_nothing_i
     raw = RawWeights()
     averaging.fit(data_iterator(0), epoch_end_callback=raw, **fit_arguments())
     info = json.loads((tmp_path / "model-0003-epoch-info.json").read_text())
-    assert set(info) == {"params_path", "epoch_no", "accuracy", "score"} and info["epoch_no"] == 3
-    files = sorted(name for name in os.listdir(tmp_path) if "averaging-state" not in name)  # what a resume needs
+    assert set(info) == {"params_path", "epoch_no", "accuracy", "score", "run_id"} and info["epoch_no"] == 3
+    assert info["run_id"] == averaging.run.run_id
+    files = sorted(name for name in os.listdir(tmp_path) if "averaging-state" not in name and name[0] != ".")
     assert files == ["model-0003-epoch-info.json", "model-0003.params", "model-symbol.json"]
     seed_everything()
     plain, plain_raw = new_module([mx.cpu()]), RawWeights()

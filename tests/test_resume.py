@@ -1,6 +1,7 @@
 """Stopping after epoch k and resuming gives the same final weights as one uninterrupted run."""
 
 import errno
+import gc
 import logging
 import os
 from typing import Callable, Dict, List, Optional
@@ -110,6 +111,7 @@ def test_resumed_run_ends_with_the_weights_of_an_uninterrupted_one(tmp_path, cal
     run_epochs(first, net, range(3), first_step=0)
     raw_after_stop = read_weights(net)
     del first, net  # killed: no on_train_end
+    gc.collect()  # what dies with a killed process: here, the first run's lock on the folder
 
     resumed = make(tmp_path / "split", resume=True)
     fresh = network()  # a new process: freshly initialised weights
@@ -327,6 +329,7 @@ def test_resumed_run_continues_the_trigger_and_the_posthoc_snapshots(tmp_path):
     first, net = make(tmp_path / "split"), network()
     run(first, net, range(3), 0, 6)
     del first, net  # killed
+    gc.collect()
     resumed, fresh = make(tmp_path / "split", resume=True), network()
     run(resumed, fresh, range(3, 6), 3 * STEPS_PER_EPOCH, 3)
     resumed.on_train_end(training_network=fresh)
