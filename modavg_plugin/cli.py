@@ -304,7 +304,7 @@ def plan_folder(folder: str, options: Dict[str, Any], output: Optional[str]) -> 
     strategy = build_strategy(options)
     allow_outside_folder = bool(options.get("allow_outside_folder"))
     records = strategy.get_checkpoint_information(
-        folder, allow_outside_folder=allow_outside_folder, run=options.get("run")
+        folder, allow_outside_folder=allow_outside_folder, run=options.get("run_id")
     )
     selected, weights = strategy.select_checkpoints(records)
     readable: List[Tuple[str, float, List[str]]] = []
