@@ -97,6 +97,8 @@ def cumulative_decay(eta: float, count: int) -> float:
 
 MAX_SIGMA_REL = math.sqrt(1.0 / 12.0)
 """The relative width of the power-function profile as ``gamma`` tends to 0 (an equal-weight mean)."""
+MIN_SIGMA_REL = 1e-6
+"""The narrowest profile worth averaging (its ``gamma`` is about a million): narrower ones average nothing."""
 
 
 def sigma_rel_to_gamma(sigma_rel: float) -> float:
@@ -105,7 +107,7 @@ def sigma_rel_to_gamma(sigma_rel: float) -> float:
     Karras et al. (2024), eq. 3: ``sigma_rel**2 = (gamma + 1) / ((gamma + 2)**2 (gamma + 3))``, i.e. the
     largest real root of ``gamma**3 + 7 gamma**2 + (16 - t) gamma + (12 - t)`` with ``t = sigma_rel**-2``.
     """
-    sigma_rel = check_number("sigma_rel", sigma_rel, 0.0, MAX_SIGMA_REL, open_low=True, open_high=True)
+    sigma_rel = check_number("sigma_rel", sigma_rel, MIN_SIGMA_REL, MAX_SIGMA_REL, open_high=True)
     t = sigma_rel**-2
     return float(max(root.real for root in np.roots([1.0, 7.0, 16.0 - t, 12.0 - t]) if abs(root.imag) < 1e-9))
 

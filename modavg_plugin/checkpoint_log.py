@@ -63,7 +63,7 @@ class CheckpointLog:
         self.writer = writer
         self.run_id = run_id
         self.file_stem = file_stem
-        self._lock: Optional[IO[str]] = None
+        self._lock: Optional[IO[bytes]] = None
         self.records: List[Dict[str, Any]] = []
         self._given_folder = folder
         self._folder: Optional[str] = None
@@ -232,7 +232,7 @@ def _remove_tree(folder: str) -> None:
     shutil.rmtree(folder, ignore_errors=True)
 
 
-def _lock_folder(folder: str, file_stem: str) -> Optional[IO[str]]:
+def _lock_folder(folder: str, file_stem: str) -> Optional[IO[bytes]]:
     """An open file holding an exclusive lock on ``{folder}/.{file_stem}.lock``; ``None`` where locks do not exist.
 
     Raises
@@ -243,12 +243,12 @@ def _lock_folder(folder: str, file_stem: str) -> Optional[IO[str]]:
     if fcntl is None:
         return None
     path = os.path.join(folder, f".{file_stem}.lock")
-    lock = open(path, "a+", encoding="utf-8")  # kept open while the run writes here
+    lock = open(path, "a+b", buffering=0)  # kept open while the run writes here; unbuffered: nothing left to flush
     try:
         fcntl.flock(lock.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError as error:
         lock.seek(0)
-        holder = lock.read().strip()[:40] or "unknown"
+        holder = lock.read(40).decode("ascii", "replace").strip() or "unknown"
         lock.close()
         if error.errno in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
             raise CheckpointError(
@@ -256,10 +256,12 @@ def _lock_folder(folder: str, file_stem: str) -> Optional[IO[str]]:
                 "folder, or wait for that one to finish"
             ) from None
         raise
-    lock.seek(0)
-    lock.truncate()
-    lock.write(str(os.getpid()))
-    lock.flush()
+    try:  # who holds it, for the message another run gets; the lock itself needs no room on the disk
+        lock.seek(0)
+        lock.truncate()
+        lock.write(str(os.getpid()).encode("ascii"))
+    except OSError:
+        pass
     return lock
 
 

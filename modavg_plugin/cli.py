@@ -213,7 +213,12 @@ def add_posthoc_command(commands: "argparse._SubParsersAction[ArgumentParser]") 
     )
     posthoc.add_argument("-o", "--output", required=True, metavar="OUT", help="file to write (.params, Gluon names)")
     posthoc.add_argument(
-        "--dry-run", action="store_true", help="print the snapshots, their coefficients and the residual; write nothing"
+        "--run", dest="run_id", metavar="ID", help="the run whose snapshots to use, when the folder holds several"
+    )
+    posthoc.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="print the snapshots, their coefficients, the residual and the error bound; write nothing",
     )
     posthoc.set_defaults(run=run_posthoc)
 
@@ -379,7 +384,13 @@ def write_average(plan: AveragingPlan) -> None:
 
 def run_posthoc(arguments: argparse.Namespace) -> int:
     """``modavg posthoc``: plan, then print the plan (``--dry-run``) or write the rebuilt EMA."""
-    plan = plan_posthoc(arguments.folder, sigma_rel=arguments.sigma_rel, gamma=arguments.gamma, step=arguments.step)
+    plan = plan_posthoc(
+        arguments.folder,
+        sigma_rel=arguments.sigma_rel,
+        gamma=arguments.gamma,
+        step=arguments.step,
+        run=arguments.run_id,
+    )
     check_output_path(arguments.output, plan)
     if arguments.dry_run:
         print_posthoc_plan(plan, arguments.output)
@@ -390,7 +401,7 @@ def run_posthoc(arguments: argparse.Namespace) -> int:
 
 
 def print_posthoc_plan(plan: PosthocPlan, output: str) -> None:
-    """``--dry-run``: the target and output, each snapshot with its coefficient, then the residual."""
+    """``--dry-run``: the target and output, each snapshot with its coefficient, then the residual and error bound."""
     print(
         f"would rebuild the EMA of sigma_rel {plan.sigma_rel:.4g} (gamma {plan.gamma:.4g}) at step {plan.step} "
         f"from {len(plan.snapshots)} snapshots into {output} (dry run, nothing written):"
@@ -399,8 +410,9 @@ def print_posthoc_plan(plan: PosthocPlan, output: str) -> None:
     for record, coefficient in zip(plan.snapshots, plan.coefficients):
         print(f"  {coefficient:<14.6g}  {record['step']:>10}  {record['gamma']:<10.4g}  {record['params_path']}")
     print(
-        f"residual {plan.residual:.3g} (sum over steps of |combined profile - target profile|: "
-        "each value is within residual * max |weight| over training of the exact EMA)"
+        f"residual {plan.residual:.3g} (sum over steps of |combined profile - target profile|), error bound "
+        f"{plan.error_bound:.3g} (the residual plus the snapshots' float32 rounding as the coefficients scale it): "
+        "each value is within error bound * max |weight| over training of the exact EMA"
     )
 
 

@@ -75,12 +75,14 @@ def write_atomically(path: str, write: Callable[[str], None], verify: Optional[C
     try:
         try:
             write(temporary)
+            with open(temporary, "rb") as written:
+                os.fsync(written.fileno())
+            if verify is not None:
+                verify(temporary)
         except mx.base.MXNetError as error:  # e.g. "FileStream.Write incomplete" on a full disk
-            raise OSError(errno.EIO, f"could not write {path}: {_last_line(error)}", path) from None
-        with open(temporary, "rb") as written:
-            os.fsync(written.fileno())
-        if verify is not None:
-            verify(temporary)
+            raise OSError(errno.EIO, f"could not write the file: {_last_line(error)}", path) from None
+        except OSError as error:  # a full disk, a lost mount, a cut-short file: named as the file meant
+            raise OSError(error.errno, error.strerror or str(error), path) from None
         os.chmod(temporary, FILE_MODE)  # mkstemp creates 0600; a checkpoint is an ordinary file
         os.replace(temporary, path)
     except BaseException:

@@ -20,9 +20,10 @@ import os
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Mapping, Optional
 
-from .checks import CheckpointError, check_integer, check_number, list_some, shown_value
+from .checks import CheckpointError, check_integer, list_some, shown_value
 from .files import TEMPORARY_PREFIX
 from .params_files import ParamsFormatError, open_regular_file, read_array_names
+from .profiles import check_snapshot_limits
 
 __all__ = [
     "EPOCH_INFO_SUFFIX",
@@ -252,9 +253,9 @@ def read_checkpoint_records(
 def _check_posthoc_record(record: Dict[str, Any], folder: str, name: str) -> Dict[str, Any]:
     params_path = required_field(record, "params_path", "a non-empty file name")
     path = os.path.abspath(resolve_inside(folder, params_path))
-    check_integer("'step'", required_field(record, "step", "an integer >= 1"), 1, CheckpointError)
-    gamma = check_number(
-        "'gamma'", required_field(record, "gamma", "a finite number > 0"), 0.0, open_low=True, error=CheckpointError
+    step = required_field(record, "step", "an integer >= 1")
+    _, gamma = check_snapshot_limits(
+        step, required_field(record, "gamma", "a finite number > 0"), CheckpointError, ("'step'", "'gamma'")
     )
     info_path = os.path.join(os.path.abspath(folder), name)
     return {**record, "params_path": path, "gamma": gamma, "info_path": info_path}

@@ -274,14 +274,26 @@ class AveragingRun:
             earlier = self.checkpoints.earlier_run_files()
             earlier += [self.state_name] if os.path.isfile(str(self.state_path)) else []
             if earlier:
+                advice = (
+                    "it saved no resume state, so it cannot be continued: give another folder or remove them"
+                    if self.resume_requested
+                    else "give another folder, remove them, or continue that run (resume=True)"
+                )
                 raise CheckpointError(
                     f"checkpoint folder {self.checkpoint_dir} already holds files of an earlier run "
-                    f"({list_some(earlier, ', ', ', ')}), which this run would overwrite and mix with its own: "
-                    "give another folder, remove them, or continue that run (resume=True)"
+                    f"({list_some(earlier, ', ', ', ')}), which this run would overwrite and mix with its own; "
+                    + advice
                 )
             if self.posthoc_options is not None:
                 check_no_earlier_snapshots(self.posthoc_options["folder"])
-        self.checkpoints.open()  # takes the folder's lock
+        try:
+            self.checkpoints.open()  # takes the folder's lock
+        except OSError as error:  # cannot be made, or a full disk: training goes on, each epoch end tries again
+            logger.warning(
+                "could not open the checkpoint folder %s (%s); training goes on, and each epoch end tries again",
+                self.checkpoint_dir,
+                error,
+            )
 
     def expect_epochs(self, epochs_ahead: Optional[int]) -> None:
         """:class:`ConfigurationError` when a trigger is configured and the number of epochs to run is unknown."""

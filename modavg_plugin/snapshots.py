@@ -19,9 +19,9 @@ from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
 import mxnet as mx
 
-from .averages import MAX_SIGMA_REL, PowerMovingAverage
+from .averages import MAX_SIGMA_REL, MIN_SIGMA_REL, PowerMovingAverage
 from .checks import check_number, shown_value
-from .files import save_json, save_params
+from .files import remove_quietly, save_json, save_params
 from .folders import POSTHOC_INFO_SUFFIX
 from .parameters import ParameterLike
 from .registry import ConfigurationError
@@ -54,7 +54,7 @@ def check_sigma_rels(sigma_rels: Sequence[float]) -> Tuple[float, ...]:
     if not values:
         raise ConfigurationError(f"sigma_rels must hold at least one number in (0, {MAX_SIGMA_REL:.4f}), got none")
     for index, value in enumerate(values):
-        check_number(f"sigma_rels[{index}]", value, 0.0, MAX_SIGMA_REL, open_low=True, open_high=True)
+        check_number(f"sigma_rels[{index}]", value, MIN_SIGMA_REL, MAX_SIGMA_REL, open_high=True)
     for index, value in enumerate(values):
         if value in values[:index]:
             raise ConfigurationError(
@@ -175,7 +175,11 @@ class PostHocSnapshots:
         record = {"params_path": params_name, "step": step, "gamma": average.gamma, "sigma_rel": self.sigma_rels[index]}
         if self.run_id is not None:
             record["run_id"] = self.run_id
-        save_json(os.path.join(self.folder, stem + POSTHOC_INFO_SUFFIX), record)
+        try:
+            save_json(os.path.join(self.folder, stem + POSTHOC_INFO_SUFFIX), record)
+        except OSError:
+            remove_quietly(params_path)  # no snapshot without its record
+            raise
         return params_path
 
     # State --------------------------------------------------------------------

@@ -352,7 +352,7 @@ def test_power_average_takes_sigma_rel_as_in_the_paper(sigma_rel, gamma):
 @pytest.mark.parametrize(
     "config, message",
     [
-        ({"sigma_rel": 0.3}, r"sigma_rel must be a number in \(0, 0.2887\)"),
+        ({"sigma_rel": 0.3}, r"sigma_rel must be a number in \[1e-06, 0.2887\)"),
         ({"sigma_rel": None}, "give gamma or sigma_rel"),
         ({"gamma": -1.0}, r"gamma must be a finite number > 0"),
     ],

@@ -333,8 +333,8 @@ def test_save_into_a_folder_that_cannot_be_made_raises_os_error(tmp_path):
     "sigma_rels, fragments",
     [
         ((), ["at least one", "(0, 0.2887)"]),
-        ((0.05, 0.3), ["sigma_rels[1]", "(0, 0.2887)", "0.3"]),
-        ((0.0,), ["sigma_rels[0]", "(0, 0.2887)"]),
+        ((0.05, 0.3), ["sigma_rels[1]", "[1e-06, 0.2887)", "0.3"]),
+        ((0.0,), ["sigma_rels[0]", "[1e-06, 0.2887)"]),
         ((True,), ["sigma_rels[0]", "True (bool)"]),
         (("0.05",), ["sigma_rels[0]", "'0.05' (str)"]),
         ((0.05, 0.10, 0.05), ["distinct", "0.05", "positions 0 and 2"]),
