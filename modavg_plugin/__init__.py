@@ -26,6 +26,7 @@ from .triggers import AlphaSuffixTrigger, AveragingTrigger, NonMonotonicTrigger
 __version__ = "0.1.0"
 
 _GLUONTS_NAMES = {
+    "AutoAveragingCallback",
     "AveragingCallback",
     "CheckpointAveragingCallback",
     "ExponentialAveragingCallback",
@@ -35,6 +36,7 @@ _GLUONTS_NAMES = {
 
 __all__ = [
     "AlphaSuffixTrigger",
+    "AutoAveragingCallback",
     "AveragingCallback",
     "AveragingRun",
     "AveragingStrategy",

@@ -23,7 +23,7 @@ from gluonts.mx.trainer.model_iteration_averaging import NTA, Alpha_Suffix, Iter
 
 from .averages import MovingAverage, check_exponential_arguments
 from .batchnorm import update_bn
-from .gluon import AveragedValidation, TrainingInputs, mean_loss, network_parameters
+from .gluon import AveragedValidation, TrainingInputs, element_losses, network_parameters
 from .parameters import write_into_parameters
 from .posthoc import PostHocSnapshots
 from .registry import ConfigurationError, Registrable
@@ -31,6 +31,7 @@ from .run import AveragingRun
 from .strategies import AveragingStrategy
 
 __all__ = [
+    "AutoAveragingCallback",
     "AveragingCallback",
     "CheckpointAveragingCallback",
     "ExponentialAveragingCallback",
@@ -84,7 +85,8 @@ class AveragingCallback(Registrable, ModelAveraging):
             lambda: self.run.swap_average(),
             lambda: self.run.swap_raw(),
             measure_raw=compare_raw and average is not None,
-            keep_inputs=self.run.strategy is not None and self.run.strategy.needs_evaluation,
+            keep_inputs=self.run.auto is not None
+            or (self.run.strategy is not None and self.run.strategy.needs_evaluation),
         )
         self._training_inputs = TrainingInputs(self.run.update_bn or 0)  # the last batches, for update_bn
         self._notes: Dict[str, float] = {}
@@ -105,6 +107,11 @@ class AveragingCallback(Registrable, ModelAveraging):
     def posthoc_snapshots(self) -> Optional[PostHocSnapshots]:
         """The post-hoc EMAs kept with ``posthoc`` (``None`` otherwise)."""
         return self.run.posthoc_snapshots
+
+    @property
+    def choice(self) -> List[Dict[str, Any]]:
+        """With ``"auto"``, after training: each candidate's name, ``sigma_rel``, ``validation_loss``, and which was ``chosen``."""
+        return self.run.choice
 
     @property
     def num_updates(self) -> int:
@@ -181,7 +188,7 @@ class AveragingCallback(Registrable, ModelAveraging):
         network = self._network() if self._network is not None else None
         batches, measure = list(self._validation.inputs), None
         if batches and network is not None:
-            measure: Optional[Callable[[], float]] = lambda: mean_loss(network, batches)
+            measure: Optional[Callable[[], Any]] = lambda: element_losses(network, batches)
         training = list(self._training_inputs.inputs)
         refresh = None if network is None else (lambda count: update_bn(network, training[-count:]))
         self.run.finish(measure=measure, refresh_batchnorm=refresh)
@@ -428,3 +435,58 @@ def iteration_averaging_rule(
             f"avg_strategy must be GluonTS's NTA or Alpha_Suffix, got {type(avg_strategy).__name__}"
         )
     return rule, float(arguments.get("eta", 0.0)), int(arguments["epochs"])
+
+
+@AveragingCallback.register("auto")
+class AutoAveragingCallback(AveragingCallback):
+    """No averaging length to choose: the one validation prefers is picked after training.
+
+    Use it when you do not know which averaging suits the run (most of the
+    time): ``{"type": "auto"}`` and nothing else. During training it keeps
+    power-function EMAs of the ``tracked`` widths (saved every epoch) and
+    validates the ``validated`` one; at the end it evaluates on the last
+    validation epoch's batches the raw last iterate, the EMAs of the
+    ``widths`` rebuilt from the snapshots, and the mean of the
+    ``best_epochs`` best per-epoch EMAs, and ships the best, or a simpler one
+    within one standard error of it (see :mod:`modavg_plugin.auto`). One log
+    line per candidate; :attr:`choice` holds the same. Without validation data
+    it ships the validated EMA and says so.
+
+    Parameters
+    ----------
+    widths
+        The EMA widths tried (``sigma_rel``, each in [1e-6, 0.2887));
+        ``None``: 0.01 to 0.25.
+    tracked
+        The widths kept during training to rebuild them from; ``None``:
+        0.02, 0.08 and 0.2.
+    validated
+        The width validated every epoch (and of the per-epoch checkpoints).
+    best_epochs
+        How many per-epoch checkpoints the last candidate averages, an integer >= 1.
+    checkpoint_dir
+        Folder for the snapshots and checkpoints, kept after training;
+        ``None``: a temporary folder, removed at the end of training.
+    compare_raw
+        As in :class:`MovingAverageCallback`.
+    resume
+        As in :class:`MovingAverageCallback` (the snapshots go on).
+    update_bn
+        As in :class:`MovingAverageCallback`.
+    """
+
+    @validated()
+    def __init__(
+        self,
+        widths: Optional[List[float]] = None,
+        tracked: Optional[List[float]] = None,
+        validated: float = 0.08,
+        best_epochs: int = 5,
+        checkpoint_dir: Optional[str] = None,
+        compare_raw: bool = True,
+        resume: bool = False,
+        update_bn: Optional[int] = None,
+    ) -> None:
+        average: Dict[str, Any] = {"type": "auto", "validated": validated, "best_epochs": best_epochs}
+        average.update({key: value for key, value in (("widths", widths), ("tracked", tracked)) if value is not None})
+        super().__init__(average, None, checkpoint_dir, resume, compare_raw=compare_raw, update_bn=update_bn)

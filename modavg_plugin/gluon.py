@@ -9,10 +9,11 @@ import math
 from typing import Any, Callable, Deque, List, Optional, Sequence, Tuple
 
 import mxnet as mx
+import numpy as np
 
 from .parameters import NamedParameters, named_parameters
 
-__all__ = ["AveragedValidation", "ForwardHook", "TrainingInputs", "mean_loss", "network_parameters"]
+__all__ = ["AveragedValidation", "ForwardHook", "TrainingInputs", "element_losses", "mean_loss", "network_parameters"]
 
 
 def network_parameters(network: mx.gluon.Block) -> NamedParameters:
@@ -135,19 +136,24 @@ def _loss_of(output: Any) -> mx.nd.NDArray:
 
 
 def mean_loss(network: mx.gluon.Block, batches: Sequence[Sequence[Any]]) -> float:
-    """The network's mean loss per element over ``batches``, as GluonTS's trainer sums validation.
+    """The network's mean loss per element over ``batches``, as GluonTS's trainer sums validation (NaN for none)."""
+    losses = element_losses(network, batches)
+    return float(losses.mean()) if losses.size else math.nan
 
-    Predict mode, no gradient; batches whose loss is not finite are skipped
-    (as the trainer skips them); NaN when none is left.
+
+def element_losses(network: mx.gluon.Block, batches: Sequence[Sequence[Any]]) -> np.ndarray:
+    """Every element of the network's loss over ``batches``, flat, as float64.
+
+    Predict mode, no gradient; batches whose loss is not finite are skipped,
+    as GluonTS's trainer skips them.
     """
-    total, count = 0.0, 0
+    kept: List[np.ndarray] = []
     with mx.autograd.pause(train_mode=False):
         for inputs in batches:
-            loss = _loss_of(network(*inputs))
-            batch_total = float(loss.sum().asscalar())
-            if math.isfinite(batch_total):
-                total, count = total + batch_total, count + loss.size
-    return total / count if count else math.nan
+            loss = _loss_of(network(*inputs)).asnumpy().astype(np.float64).reshape(-1)
+            if math.isfinite(float(loss.sum())):
+                kept.append(loss)
+    return np.concatenate(kept) if kept else np.zeros(0)
 
 
 class TrainingInputs(ForwardHook):

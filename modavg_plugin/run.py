@@ -32,7 +32,9 @@ from dataclasses import dataclass
 from typing import Any, Callable, Dict, Iterable, Iterator, List, Mapping, Optional, Tuple, Union
 
 import mxnet as mx
+import numpy as np
 
+from .auto import candidate_list, choose, evaluated_candidates
 from .averages import MovingAverage
 from .checkpoint_log import CheckpointLog
 from .checks import CheckpointError, check_integer, list_some
@@ -46,7 +48,15 @@ from .parameters import (
     write_into_parameters,
 )
 from .registry import ConfigurationError
-from .run_options import AverageConfig, StrategyConfig, checked_average_config, posthoc_options, strategy_from_config
+from .run_options import (
+    POSTHOC_FOLDER,
+    AverageConfig,
+    StrategyConfig,
+    auto_mode,
+    checked_average_config,
+    posthoc_options,
+    strategy_from_config,
+)
 from .snapshots import PostHocSnapshots, check_no_earlier_snapshots
 from .strategies import Evaluation
 from .triggers import AveragingTrigger, trigger_from_config
@@ -147,6 +157,13 @@ class AveragingRun:
         metric_names: Optional[Iterable[str]] = None,
         update_bn: Optional[int] = None,
     ) -> None:
+        self.auto = auto_mode(average, avg_strategy, posthoc)
+        if self.auto is not None:  # the validated EMA, the snapshots and the kept epochs of the "auto" mode
+            average, avg_strategy, posthoc = (
+                self.auto.average_config(),
+                self.auto.strategy(),
+                self.auto.posthoc_config(),
+            )
         self.average_config = checked_average_config(average)
         self.strategy = strategy_from_config(avg_strategy)
         if self.average_config is None and self.strategy is None:
@@ -156,7 +173,7 @@ class AveragingRun:
         if trigger is not None and self.average_config is None:
             raise ConfigurationError("a trigger starts a moving average: give average too")
         self.trigger: Optional[AveragingTrigger] = trigger_from_config(trigger, self.average_config or {})
-        self.posthoc_options = posthoc_options(posthoc, checkpoint_dir)
+        self.posthoc_options = posthoc_options(posthoc, checkpoint_dir, temporary=self.auto is not None)
         self.shadow_context = as_context(shadow_context)
         self.checkpoint_dir = None if checkpoint_dir is None else os.fspath(checkpoint_dir)
         self.resume_requested = bool(resume)
@@ -183,6 +200,8 @@ class AveragingRun:
         self._pending: Optional[Tuple[Dict[str, Any], Dict[str, mx.nd.NDArray]]] = None
         self._metric_checked = metric_names is not None
         self._claimed = False
+        self.choice: List[Dict[str, Any]] = []
+        """With ``"auto"``: each candidate's name, ``sigma_rel``, ``error_bound``, ``validation_loss`` and whether ``chosen``."""
 
     @property
     def state_path(self) -> Optional[str]:
@@ -259,6 +278,8 @@ class AveragingRun:
             self.moving_average = MovingAverage.from_config(config, parameters=self._parameters)
         if self.posthoc_options is not None:
             options = self.posthoc_options
+            if options["folder"] is None:  # "auto" without a checkpoint folder: snapshots in the temporary one
+                options["folder"] = os.path.join(self.checkpoints.open(), POSTHOC_FOLDER)
             self.posthoc_snapshots = PostHocSnapshots(
                 self._parameters, options["folder"], options["sigma_rels"], self.shadow_context, run_id=self.run_id
             )
@@ -521,7 +542,10 @@ class AveragingRun:
             self.swap_raw()
             if self.posthoc_snapshots is not None and self.writer:
                 self.posthoc_snapshots.save_new()
-            self._assign_final_weights(measure)
+            if self.auto is not None:
+                self._choose_automatically(measure)
+            else:
+                self._assign_final_weights(measure)
             if self.update_bn is not None:
                 self._refresh_batchnorm(refresh_batchnorm)
         finally:
@@ -535,6 +559,33 @@ class AveragingRun:
         if self.moving_average is not None:
             self._write(self.moving_average.shadows)
             logger.info("the network holds the moving average after %d updates", self.num_updates)
+
+    def _choose_automatically(self, measure: Optional[Callable[[], Any]]) -> None:
+        """``"auto"``: the candidates evaluated with ``measure``, the chosen one written (see :mod:`modavg_plugin.auto`)."""
+        validated = f"the power EMA of sigma_rel {self.auto.validated:g} (the average validated every epoch)"
+        if measure is None or not self.writer:
+            if measure is None:
+                logger.warning(
+                    "auto: no validation data, so no candidate can be compared: the network holds %s, not the last "
+                    "iterate, whose noise nothing measured; give validation data to let auto choose", validated,
+                )  # fmt: skip
+            self._write(self.moving_average.shadows)
+            return
+        try:
+            raw = {name: value.copy() for name, value in self.raw_weights().items()}
+            candidates = candidate_list(
+                self.auto, raw, self.posthoc_options["folder"], self.run_id, self.checkpoints.records
+            )
+            evaluated_candidates(candidates, self.evaluation(measure))
+            chosen = choose(candidates, self.auto.maximize)
+            self._write(candidates[chosen].build())
+        except Exception as error:  # broad on purpose: hours of training must not be lost here
+            logger.error("auto: choosing failed (%s); the network holds %s", error, validated)
+            self._write(self.moving_average.shadows)
+            return
+        self.choice = [candidate.report(index == chosen) for index, candidate in enumerate(candidates)]
+        best = candidates[chosen]
+        logger.info("auto: the network holds the %s (validation loss %.6g)", best.name, best.validation_loss)
 
     def _refresh_batchnorm(self, refresh_batchnorm: Optional[Callable[[int], int]]) -> None:
         if refresh_batchnorm is None:
@@ -572,12 +623,17 @@ class AveragingRun:
 
         return evaluate
 
+    def _mean_evaluation(self, measure: Callable[[], Any]) -> Evaluation:
+        """:meth:`evaluation` as one number: the mean of what ``measure`` gives (a mean, or per-element losses)."""
+        evaluate = self.evaluation(measure)
+        return lambda arrays: float(np.mean(evaluate(arrays)))
+
     def _assign_checkpoint_average(self, fallback: str, measure: Optional[Callable[[], float]]) -> bool:
         """Write the strategy's average of the kept checkpoints; ``False``, with the reason logged, on failure."""
         strategy, records = self.strategy, self.checkpoints.records
         evaluate = None
         if strategy.needs_evaluation and getattr(strategy, "evaluate", None) is None:
-            evaluate = self.evaluation(measure) if measure is not None else None
+            evaluate = self._mean_evaluation(measure) if measure is not None else None
             if evaluate is None:
                 logger.warning(
                     "avg_strategy %r needs validation data to evaluate candidates, and there is none: "

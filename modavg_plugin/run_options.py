@@ -9,6 +9,7 @@ from typing import Any, Dict, Mapping, Optional, Union
 
 import mxnet as mx
 
+from .auto import AutoOptions, auto_options
 from .averages import MovingAverage
 from .checks import check_integer
 from .parameters import DeviceArrays
@@ -85,8 +86,14 @@ def strategy_from_config(avg_strategy: StrategyConfig) -> Optional[AveragingStra
     )
 
 
-def posthoc_options(posthoc: Optional[Mapping[str, Any]], checkpoint_dir: Optional[str]) -> Optional[Dict[str, Any]]:
-    """The ``posthoc`` option checked, with its defaults and its folder; ``None`` when not asked for."""
+def posthoc_options(
+    posthoc: Optional[Mapping[str, Any]], checkpoint_dir: Optional[str], temporary: bool = False
+) -> Optional[Dict[str, Any]]:
+    """The ``posthoc`` option checked, with its defaults and its folder; ``None`` when not asked for.
+
+    ``temporary``: without a checkpoint folder the snapshots may go to the
+    run's temporary one (the folder is then ``None`` until the run starts).
+    """
     if posthoc is None:
         return None
     if not isinstance(posthoc, Mapping):
@@ -94,9 +101,21 @@ def posthoc_options(posthoc: Optional[Mapping[str, Any]], checkpoint_dir: Option
     unknown = sorted(set(posthoc) - set(POSTHOC_DEFAULTS))
     if unknown:
         raise ConfigurationError(f"posthoc: unknown key {unknown[0]!r}; accepted: {sorted(POSTHOC_DEFAULTS)}")
-    if checkpoint_dir is None:
+    if checkpoint_dir is None and not temporary:
         raise ConfigurationError("posthoc needs a checkpoint folder: the snapshots go to {checkpoint folder}/posthoc")
-    options = {**POSTHOC_DEFAULTS, **posthoc, "folder": os.path.join(checkpoint_dir, POSTHOC_FOLDER)}
+    folder = None if checkpoint_dir is None else os.path.join(checkpoint_dir, POSTHOC_FOLDER)
+    options = {**POSTHOC_DEFAULTS, **posthoc, "folder": folder}
     options["every_epochs"] = check_integer("posthoc every_epochs", options["every_epochs"], 1)
     options["sigma_rels"] = check_sigma_rels(options["sigma_rels"])
     return options
+
+
+def auto_mode(average: AverageConfig, avg_strategy: StrategyConfig, posthoc: Any) -> Optional[AutoOptions]:
+    """The ``"auto"`` mode's options when ``average`` asks for it (``"auto"`` or ``{"type": "auto", ...}``), else ``None``."""
+    config = {"type": average} if isinstance(average, str) else average
+    if not isinstance(config, Mapping) or config.get("type") != "auto":
+        return None
+    for name, value in (("avg_strategy", avg_strategy), ("posthoc", posthoc)):
+        if value is not None:
+            raise ConfigurationError(f"the 'auto' mode chooses by itself: give no {name} with it")
+    return auto_options(config)

@@ -16,8 +16,8 @@ from numpy.testing import assert_allclose
 
 from modavg_plugin import (
     AveragingCallback,
-    CheckpointError,
     CheckpointAveragingCallback,
+    CheckpointError,
     ConfigurationError,
     ExponentialAveragingCallback,
     SelectNBestMean,
@@ -172,7 +172,13 @@ def test_bad_callback_configs_are_refused(config, message):
 
 
 def test_registered_callbacks():
-    assert AveragingCallback.list_available() == ["exponential", "checkpoints", "moving_average", "iteration_averaging"]
+    assert AveragingCallback.list_available() == [
+        "exponential",
+        "checkpoints",
+        "moving_average",
+        "iteration_averaging",
+        "auto",
+    ]
 
 
 def test_shadows_start_from_weights_set_by_a_later_callback_at_initialisation():

@@ -238,7 +238,9 @@ def test_a_folder_with_only_records_beyond_the_limits_is_an_error(tmp_path):
     write_record(tmp_path, "far", 10**16, 5.0)
     for path in tmp_path.glob("posthoc-*-posthoc-info.json"):
         path.unlink()
-    with pytest.raises(CheckpointError, match=r"no usable post-hoc snapshot .* all 1 post-hoc records were skipped \(far-"):
+    with pytest.raises(
+        CheckpointError, match=r"no usable post-hoc snapshot .* all 1 post-hoc records were skipped \(far-"
+    ):
         plan_posthoc(str(tmp_path), sigma_rel=0.08)
 
 
