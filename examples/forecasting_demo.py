@@ -1,4 +1,4 @@
-"""Does weight averaging help a GluonTS forecaster? Four ways to pick the shipped weights, two real data sets.
+"""Does weight averaging help a GluonTS forecaster? Five ways to pick the shipped weights, two real data sets.
 
 Data (both bundled with statsmodels, public domain; nothing is downloaded):
 
@@ -20,7 +20,7 @@ the data before it); the ``windows`` windows before that are the validation
 region (GluonTS's validation loss: one window at the end of each truncated
 copy of the series); the model trains on what is left. A
 ``SimpleFeedForwardEstimator`` is trained once per method and seed, with the
-same seed, settings and validation data, so the four runs of a seed follow
+same seed, settings and validation data, so the five runs of a seed follow
 the same raw trajectory and differ only in the weights kept at the end:
 
 * last iterate: no averaging callback;
@@ -28,7 +28,13 @@ the same raw trajectory and differ only in the weights kept at the end:
 * EMA + best-5 mean: the same, then the mean of the 5 per-epoch EMAs with the
   lowest validation loss (``SelectNBestMean``);
 * checkpoint mean: no EMA, the mean of the 5 raw epoch checkpoints with the
-  lowest validation loss (``"checkpoints"``, like GluonTS's ``ModelAveraging``).
+  lowest validation loss (``"checkpoints"``, like GluonTS's ``ModelAveraging``);
+* auto: ``{"type": "auto"}``, the averaging chosen after training on the
+  validation data (:mod:`modavg_plugin.auto`).
+
+A sixth row is derived from the runs, not trained: "raw or EMA by
+validation", the last iterate's or the EMA's run, whichever had the lower
+validation loss at the last epoch (the plain two-way choice).
 
 ``add_default_callbacks=False`` everywhere: otherwise GluonTS adds its own
 best-epoch reload to the baseline and a learning-rate schedule driven by
@@ -88,7 +94,10 @@ METHODS: Dict[str, Optional[Dict[str, Any]]] = {
     "EMA": EMA,
     "EMA + best-5 mean": {**EMA, "avg_strategy": {"type": "mean", "num_models": 5}},
     "checkpoint mean": {"type": "checkpoints", "avg_strategy": {"type": "mean", "num_models": 5}},
+    "auto": {"type": "auto"},
 }
+TWO_WAY = "raw or EMA by validation"
+"""Not trained: per seed, the last iterate's or the EMA's scores, whichever had the lower final validation loss."""
 BASELINE = "last iterate"
 MACRO_SERIES = ("realgdp", "realcons", "realinv", "realgovt", "realdpi", "cpi", "m1")
 
@@ -244,6 +253,7 @@ def run_job(job: Job) -> Dict[str, Any]:
         **evaluate(splits.test, forecasts, dataset.frequency),
         "train_seconds": round(train_seconds, 2),
         "history": callbacks[0].history if callbacks else [],
+        "choice": callbacks[0].choice if callbacks else [],
         "fan": fan_data(splits.test, forecasts, dataset.prediction_length)
         if job.seed == job.settings.seeds[0]
         else None,
@@ -309,9 +319,23 @@ def _advance(progress: tqdm, outcome: Dict[str, Any]) -> Dict[str, Any]:
     return outcome
 
 
+def two_way_choices(runs: Sequence[Dict[str, Any]]) -> List[Dict[str, Any]]:
+    """The plain two-way choice, per data set and seed: the raw weights or the fixed EMA, whichever had the lower
+    validation loss after the last epoch (the EMA run measures both on the same raw trajectory)."""
+    by_key = {(run["dataset"], run["method"], run["seed"]): run for run in runs}
+    derived = []
+    for (dataset, method, seed), run in sorted(by_key.items()):
+        if method != "EMA" or not run["history"]:
+            continue
+        last = run["history"][-1]
+        picked = run if last["validation_loss"] <= last["raw_validation_loss"] else by_key[(dataset, BASELINE, seed)]
+        derived.append({**picked, "method": TWO_WAY, "history": [], "fan": None, "picked": picked["method"]})
+    return derived
+
+
 def summarise(runs: Iterable[Dict[str, Any]]) -> Dict[str, Dict[str, Dict[str, Any]]]:
     """Per data set and method: mean and sample standard deviation (ddof=1; 0 for one seed) over
-    seeds, and on how many seeds the MASE was lower than the last iterate's."""
+    seeds, and on how many seeds the MASE was lower than the last iterate's, or no higher."""
     grouped: Dict[Tuple[str, str], List[Dict[str, Any]]] = {}
     for run in runs:
         grouped.setdefault((run["dataset"], run["method"]), []).append(run)
@@ -321,6 +345,7 @@ def summarise(runs: Iterable[Dict[str, Any]]) -> Dict[str, Dict[str, Dict[str, A
         summary.setdefault(dataset, {})[method] = {
             **{metric: _mean_and_std([run[metric] for run in group]) for metric in (*METRICS, "train_seconds")},
             "seeds_with_lower_MASE": sum(run["MASE"] < baseline[run["seed"]] for run in group),
+            "seeds_no_worse_MASE": sum(run["MASE"] <= baseline[run["seed"]] for run in group),
         }
     return summary
 
@@ -338,17 +363,21 @@ def format_tables(results: Dict[str, Any]) -> str:
     lines: List[str] = []
     for dataset, by_method in results["summary"].items():
         lines += ["", f"{DATASETS[dataset].title} ({len(results['settings']['seeds'])} seeds)"]
-        header = f"{'method':<18} | {'MASE':>15} | {'sMAPE':>17} | {'mean wQL':>17} | {'train s':>7} | lower MASE than last iterate"
+        header = f"{'method':<24} | {'MASE':>15} | {'sMAPE':>17} | {'mean wQL':>17} | {'train s':>7} | MASE vs last iterate: lower, no higher"
         lines += [header, "-" * len(header)]
         for method, scores in by_method.items():
             cells = [_cell(scores[metric], digits) for metric, digits in zip(METRICS, (3, 4, 4))]
             seeds = len(results["settings"]["seeds"])
-            won = "" if method == BASELINE else f"{scores['seeds_with_lower_MASE']} of {seeds} seeds"
+            won = "" if method == BASELINE else _wins(scores, seeds)
             lines.append(
-                f"{method:<18} | {cells[0]:>15} | {cells[1]:>17} | {cells[2]:>17} | "
+                f"{method:<24} | {cells[0]:>15} | {cells[1]:>17} | {cells[2]:>17} | "
                 f"{scores['train_seconds']['mean']:>7.1f} | {won}"
             )
     return "\n".join(lines[1:])
+
+
+def _wins(scores: Dict[str, Any], seeds: int) -> str:
+    return f"{scores['seeds_with_lower_MASE']} of {seeds}, {scores['seeds_no_worse_MASE']} of {seeds}"
 
 
 def _cell(score: Dict[str, float], digits: int) -> str:
@@ -385,6 +414,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
         settings = Settings(settings.epochs, settings.batches_per_epoch, settings.learning_rate, tuple(arguments.seeds))
     started = time.perf_counter()
     runs = run_all(make_jobs(settings), arguments.workers)
+    runs += two_way_choices(runs)
     results = {
         "measured": {
             "date": datetime.date.today().isoformat(),

@@ -149,7 +149,7 @@ def candidate_list(
     candidates = [Candidate("last iterate", lambda: raw)]
     for width in options.widths if posthoc_folder is not None else []:
         try:
-            plan = plan_posthoc(posthoc_folder, sigma_rel=width, run=run_id)
+            plan = plan_posthoc(posthoc_folder, sigma_rel=width, run=run_id, report=False)
         except (ValueError, OSError) as error:  # no snapshot yet, an unreadable folder...
             logger.warning("auto: no power EMA of sigma_rel %g (%s)", width, error)
             continue

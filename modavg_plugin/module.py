@@ -150,6 +150,11 @@ class ModuleAveraging:
         return self.run.moving_average
 
     @property
+    def choice(self) -> List[Dict[str, Any]]:
+        """With ``"auto"``, after :meth:`finish`: each candidate's name, ``sigma_rel``, ``validation_loss``, and which was ``chosen``."""
+        return self.run.choice
+
+    @property
     def num_updates(self) -> int:
         """Optimiser updates so far, resumed ones included."""
         return self.run.num_updates

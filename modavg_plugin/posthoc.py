@@ -112,6 +112,7 @@ def plan_posthoc(
     gamma: Optional[float] = None,
     step: Optional[int] = None,
     run: Optional[str] = None,
+    report: bool = True,
 ) -> PosthocPlan:
     """The coefficients rebuilding the target EMA from the usable snapshots in ``folder`` (values not read).
 
@@ -136,6 +137,10 @@ def plan_posthoc(
         The run whose snapshots to use (their ``run_id``), when the folder
         holds several runs' (refused without it).
 
+    report
+        Log the error bound (a warning above 0.1); ``False`` for callers that
+        judge it themselves.
+
     Raises
     ------
     ConfigurationError
@@ -153,7 +158,8 @@ def plan_posthoc(
     plan = PosthocPlan(
         os.fspath(folder), target_gamma, shown_sigma_rel, target_step, used, tuple(coefficients.tolist()), residual
     )
-    _log_bound(plan)
+    if report:
+        _log_bound(plan)
     return plan
 
 

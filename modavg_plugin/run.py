@@ -553,8 +553,12 @@ class AveragingRun:
 
     def _assign_final_weights(self, measure: Optional[Callable[[], float]]) -> None:
         if self.strategy is not None and self.checkpoints.records:
-            fallback = "the final moving average" if self.moving_average is not None else "its last raw weights"
-            if self._assign_checkpoint_average(fallback, measure):
+            if self.moving_average is None:
+                raw = {name: value.copy() for name, value in self.raw_weights().items()}
+                if not self._assign_checkpoint_average("its last raw weights", measure):
+                    self._write(raw)  # a write that failed part of the way through must not leave a mixture
+                return
+            if self._assign_checkpoint_average("the final moving average", measure):
                 return
         if self.moving_average is not None:
             self._write(self.moving_average.shadows)

@@ -170,9 +170,9 @@ def test_module_averaging_chooses_by_the_validation_metric():
     seed_everything()
     averaging = ModuleAveraging(new_module([mx.cpu()]), {"type": "auto", "maximize": True})
     averaging.fit(data_iterator(0), eval_data=data_iterator(1), **fit_arguments())
-    assert sum(entry["chosen"] for entry in averaging.run.choice) == 1
-    best = max(entry["validation_loss"] for entry in averaging.run.choice)  # an accuracy: higher is better
-    assert next(entry for entry in averaging.run.choice if entry["chosen"])["validation_loss"] >= best - 1e-3 * best
+    assert sum(entry["chosen"] for entry in averaging.choice) == 1
+    best = max(entry["validation_loss"] for entry in averaging.choice)  # an accuracy: higher is better
+    assert next(entry for entry in averaging.choice if entry["chosen"])["validation_loss"] >= best - 1e-3 * best
 
 
 @pytest.mark.parametrize(

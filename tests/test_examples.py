@@ -43,7 +43,7 @@ def test_forecasting_demo_quick_runs_as_make_demo_does(tmp_path):
     )
     assert completed.returncode == 0, completed.stderr[-3000:]
     results = json.loads((tmp_path / "results.json").read_text())
-    methods = ["last iterate", "EMA", "EMA + best-5 mean", "checkpoint mean"]
+    methods = ["last iterate", "EMA", "EMA + best-5 mean", "checkpoint mean", "auto", "raw or EMA by validation"]
     assert {(run["dataset"], run["method"], run["seed"]) for run in results["runs"]} == {
         (dataset, method, seed) for dataset in ("co2", "macrodata") for method in methods for seed in (0, 1)
     }
@@ -59,14 +59,20 @@ def test_forecasting_demo_quick_runs_as_make_demo_does(tmp_path):
                     results["summary"][dataset][method][metric]["std"], abs(values[0] - values[1]) / math.sqrt(2)
                 )
             lower = sum(runs[(method, seed)]["MASE"] < runs[("last iterate", seed)]["MASE"] for seed in (0, 1))
+            no_worse = sum(runs[(method, seed)]["MASE"] <= runs[("last iterate", seed)]["MASE"] for seed in (0, 1))
             assert results["summary"][dataset][method]["seeds_with_lower_MASE"] == lower
+            assert results["summary"][dataset][method]["seeds_no_worse_MASE"] == no_worse
         for seed in (0, 1):
             history = runs[("EMA", seed)]["history"]
             assert [entry["epoch_no"] for entry in history] == [0, 1]
             assert all(entry["validation_loss"] != entry["raw_validation_loss"] for entry in history)
+            # the two-way choice is the last iterate's run or the EMA's, by the EMA run's final validation losses
+            picked = "EMA" if history[-1]["validation_loss"] <= history[-1]["raw_validation_loss"] else "last iterate"
+            assert runs[("raw or EMA by validation", seed)]["MASE"] == runs[(picked, seed)]["MASE"]
+            assert sum(entry["chosen"] for entry in runs[("auto", seed)]["choice"]) == 1
     assert "statsmodels co2" in completed.stdout and "statsmodels macrodata" in completed.stdout
     assert "training runs" in completed.stderr  # the progress bar
-    for name in ("validation_loss.png", "forecast_fan.png"):
+    for name in ("validation_loss.png", "forecast_fan.png", "auto_choice.png"):
         height, width, _ = matplotlib.image.imread(tmp_path / name).shape
         assert (width, height) == (1200, 400), name
 

@@ -24,6 +24,8 @@ import numpy as np
 import pytest
 from numpy.testing import assert_allclose
 
+from modavg_plugin import parameters as parameters_module
+from modavg_plugin import run as run_module
 from modavg_plugin.files import read_state_file
 from modavg_plugin.registry import ConfigurationError
 from modavg_plugin.run import STATE_NAME, AveragingRun, ResumedState
@@ -501,6 +503,29 @@ def test_a_failing_checkpoint_average_is_logged_and_leaves_the_final_moving_aver
     assert "checkpoint averaging failed" in errors[0] and "disk on fire" in errors[0]
     assert "the final moving average" in errors[0]
     host.assert_holds(ema_trajectory()[STEPS])
+
+
+def test_a_checkpoint_average_whose_write_stops_part_way_leaves_the_raw_weights(tmp_path, monkeypatch, caplog):
+    # Caught: without a moving average to fall back on, the network kept the first parameter of the average and
+    # the raw second one (the "fallback" to "its last raw weights" was whatever the failed write left).
+    host = FakeHost()
+    run = AveragingRun(None, {"type": "mean", "num_models": 2}, str(tmp_path))
+    real_write = parameters_module.write_into_parameters
+    calls = []
+
+    def write_one_then_fail(arrays, targets, what):
+        calls.append(what)
+        if len(calls) == 1:  # the average: its first parameter lands, then the "disk" fails
+            real_write(arrays, targets[:1], what)
+            raise OSError("device lost")
+        real_write(arrays, targets, what)
+
+    monkeypatch.setattr(run_module, "write_into_parameters", write_one_then_fail)
+    with caplog.at_level(logging.INFO, logger="modavg_plugin"):
+        train(run, host)
+    errors = messages(caplog, "modavg_plugin.run", logging.ERROR)
+    assert len(errors) == 1 and "device lost" in errors[0] and "its last raw weights" in errors[0]
+    host.assert_holds(raw_at(STEPS))
 
 
 # 8. Abandon and folders ----------------------------------------------------------------------
