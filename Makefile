@@ -25,7 +25,7 @@ lint: $(STAMP)
 	$(BIN)/ruff format --no-cache --check .
 
 bench: $(STAMP)
-	$(BIN)/python -m bench.run
+	$(BIN)/python -m bench.run $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info

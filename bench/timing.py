@@ -29,3 +29,17 @@ def measure_seconds(run: Callable[[], object], repeats: int, warmups: int = 1) -
 def median_milliseconds(run: Callable[[], object], repeats: int, warmups: int = 1) -> float:
     """Median milliseconds of :func:`measure_seconds`."""
     return 1000.0 * statistics.median(measure_seconds(run, repeats, warmups))
+
+
+def median_milliseconds_to_return(run: Callable[[], object], repeats: int, warmups: int = 1) -> float:
+    """Median milliseconds until ``run()`` returns, the engine idle before each call (its queued work not counted)."""
+    for _ in range(warmups):
+        run()
+    seconds = []
+    for _ in range(repeats):
+        mx.nd.waitall()
+        start = time.perf_counter()
+        run()
+        seconds.append(time.perf_counter() - start)
+    mx.nd.waitall()
+    return 1000.0 * statistics.median(seconds)

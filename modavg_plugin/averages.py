@@ -29,9 +29,9 @@ from .parameters import (
     as_context,
     check_compatible,
     device_copies,
+    first_copies,
     is_trainable,
     named_parameters,
-    readable_in_place,
     select_by_name,
     write_array,
     write_into_parameters,
@@ -216,10 +216,6 @@ class MovingAverage(Registrable):
         self._groups, self._group_follows = self._new_update_groups(set(followed))
         by_name = dict(self._parameters)
         self._group_parameters = [[by_name[name] for name in group.names] for group in self._groups]
-        self._group_copies_values = [  # decided once: contexts do not change, and the check costs 5 µs a tensor
-            not all(readable_in_place(parameter.list_data()[0].context, group.context) for parameter in parameters)
-            for group, parameters in zip(self._groups, self._group_parameters)
-        ]
         self._shadows: Dict[str, mx.nd.NDArray] = {
             name: group.shadows[name] for group in self._groups for name in group.names
         }
@@ -290,14 +286,8 @@ class MovingAverage(Registrable):
 
     def _update_shadows(self, decay: float) -> None:
         """``shadow = decay * shadow + (1 - decay) * param`` for every shadow (fast paths); followed ones copy."""
-        for group, parameters, copies, follows in zip(
-            self._groups, self._group_parameters, self._group_copies_values, self._group_follows
-        ):
-            values = [parameter.list_data()[0] for parameter in parameters]
-            group.update(
-                [value.as_in_context(group.context) for value in values] if copies else values,
-                0.0 if follows else decay,
-            )
+        for group, parameters, follows in zip(self._groups, self._group_parameters, self._group_follows):
+            group.update(first_copies(parameters), 0.0 if follows else decay)
 
     @property
     def parameters(self) -> NamedParameters:

@@ -25,9 +25,8 @@ from .averages import MovingAverage, check_exponential_arguments
 from .batchnorm import update_bn
 from .gluon import AveragedValidation, TrainingInputs, element_losses, network_parameters
 from .parameters import write_into_parameters
-from .posthoc import PostHocSnapshots
 from .registry import ConfigurationError, Registrable
-from .run import AveragingRun
+from .run import AveragingRun, RunViews
 from .strategies import AveragingStrategy
 
 __all__ = [
@@ -45,7 +44,7 @@ Strategy = Optional[Union[AveragingStrategy, GluonTSStrategy]]
 """Ours, or GluonTS's own ``SelectNBestMean`` / ``SelectNBestSoftmax`` (with their settings)."""
 
 
-class AveragingCallback(Registrable, ModelAveraging):
+class AveragingCallback(RunViews, Registrable, ModelAveraging):
     """Base of the averaging callbacks: the GluonTS trainer's hooks, translated to an :class:`AveragingRun`.
 
     Each epoch's weights (the averages, or the raw weights without a moving
@@ -92,31 +91,6 @@ class AveragingCallback(Registrable, ModelAveraging):
         self._notes: Dict[str, float] = {}
         self._max_epochs = 0
         self._network: Optional[weakref.ref] = None
-
-    @property
-    def history(self) -> List[Dict[str, float]]:
-        """One dict per epoch: ``epoch_no``, ``training_loss``, and with validation data ``validation_loss`` (and ``raw_validation_loss``)."""
-        return self.run.history
-
-    @property
-    def moving_average(self) -> Optional[MovingAverage]:
-        """The moving average (``None`` before training, or without one)."""
-        return self.run.moving_average
-
-    @property
-    def posthoc_snapshots(self) -> Optional[PostHocSnapshots]:
-        """The post-hoc EMAs kept with ``posthoc`` (``None`` otherwise)."""
-        return self.run.posthoc_snapshots
-
-    @property
-    def choice(self) -> List[Dict[str, Any]]:
-        """With ``"auto"``, after training: each candidate's name, ``sigma_rel``, ``validation_loss``, and which was ``chosen``."""
-        return self.run.choice
-
-    @property
-    def num_updates(self) -> int:
-        """Optimiser steps so far, resumed ones included."""
-        return self.run.num_updates
 
     # Hooks ------------------------------------------------------------------
 

@@ -32,7 +32,7 @@ from .module_host import (
     write_module_arrays,
 )
 from .registry import ConfigurationError
-from .run import AveragingRun
+from .run import AveragingRun, RunViews
 from .strategies import AveragingStrategy
 
 __all__ = ["ModuleAveraging", "broadcast_from_rank_zero", "module_arrays"]
@@ -41,7 +41,7 @@ AUX_STATES = ("average", "copy")
 Config = Union[None, str, Mapping[str, Any]]
 
 
-class ModuleAveraging:
+class ModuleAveraging(RunViews):
     """Plugs weight averaging into ``Module.fit`` through its three callback arguments.
 
     Use it with MXNet's symbolic ``Module`` API (Gluon code uses an
@@ -143,21 +143,6 @@ class ModuleAveraging:
         self._train_data: Optional[mx.io.DataIter] = None
         self._validation_metric: Any = None
         self._epochs_ahead: Optional[int] = None
-
-    @property
-    def moving_average(self) -> Any:
-        """The moving average (``None`` before the first update, or without one)."""
-        return self.run.moving_average
-
-    @property
-    def choice(self) -> List[Dict[str, Any]]:
-        """With ``"auto"``, after :meth:`finish`: each candidate's name, ``sigma_rel``, ``validation_loss``, and which was ``chosen``."""
-        return self.run.choice
-
-    @property
-    def num_updates(self) -> int:
-        """Optimiser updates so far, resumed ones included."""
-        return self.run.num_updates
 
     def callbacks(self) -> Dict[str, Callable[..., None]]:
         """``batch_end_callback``, ``epoch_end_callback`` and ``eval_end_callback`` for ``Module.fit``.

@@ -141,6 +141,22 @@ def device_copies(name: str, parameter: ParameterLike) -> List[mx.nd.NDArray]:
         raise ValueError(f"parameter {name!r} has no data: {error}") from None
 
 
+def first_copies(parameters: Sequence[ParameterLike]) -> List[mx.nd.NDArray]:
+    """The first device copy of each parameter, as the averages read them every step.
+
+    Gluon ``Parameter``s are read from their list of device copies directly:
+    ``list_data()`` checks the storage type and the initialisation on every
+    call (0.5 µs a parameter, 1 ms a step for 2,000 of them). MXNet 1.9 only
+    ever replaces that list, never changes it in place, and the update groups
+    notice new arrays. Anything else (uninitialised, :class:`DeviceArrays`)
+    goes through :func:`device_copies` and its errors.
+    """
+    try:
+        return [parameter._data[0] for parameter in parameters]  # type: ignore[union-attr]
+    except (AttributeError, TypeError):
+        return [device_copies(getattr(parameter, "name", "?"), parameter)[0] for parameter in parameters]
+
+
 CONTEXT_PATTERN = re.compile(r"^(cpu|gpu|cpu_pinned|cpu_shared)(?:\((\d+)\))?$")
 HOST_DEVICE_TYPES = ("cpu", "cpu_pinned", "cpu_shared")
 

@@ -61,7 +61,7 @@ from .snapshots import PostHocSnapshots, check_no_earlier_snapshots
 from .strategies import Evaluation
 from .triggers import AveragingTrigger, trigger_from_config
 
-__all__ = ["STATE_NAME", "AveragingRun", "ResumedState"]
+__all__ = ["STATE_NAME", "AveragingRun", "ResumedState", "RunViews"]
 
 logger = logging.getLogger(__name__)
 
@@ -700,3 +700,34 @@ def _checked_state(state: Mapping[str, Any], path: str) -> Dict[str, Any]:
     if not isinstance(state.get("records", []), list):
         raise refuse("records", "a list")
     return checked
+
+
+class RunViews:
+    """What the adapters show of their :class:`AveragingRun` (``self.run``), read-only."""
+
+    run: AveragingRun
+
+    @property
+    def history(self) -> List[Dict[str, Any]]:
+        """One dict per epoch: ``epoch_no``, the losses or metrics measured, and with ``compare_raw`` the raw weights'."""
+        return self.run.history
+
+    @property
+    def moving_average(self) -> Optional[MovingAverage]:
+        """The moving average (``None`` before training starts, or without one)."""
+        return self.run.moving_average
+
+    @property
+    def posthoc_snapshots(self) -> Optional[PostHocSnapshots]:
+        """The post-hoc EMAs kept with ``posthoc`` (``None`` otherwise)."""
+        return self.run.posthoc_snapshots
+
+    @property
+    def choice(self) -> List[Dict[str, Any]]:
+        """With ``"auto"``, after training: each candidate's name, ``sigma_rel``, ``validation_loss``, and which was ``chosen``."""
+        return self.run.choice
+
+    @property
+    def num_updates(self) -> int:
+        """Optimiser updates so far, resumed ones included."""
+        return self.run.num_updates

@@ -1,68 +1,68 @@
-"""Fast in-place EMA updates, ``shadow = d * shadow + (1 - d) * value``, for many arrays.
+"""In-place EMA updates, ``shadow = d * shadow + (1 - d) * value``, for many arrays at once.
 
 Shadows of one context and dtype live in one flat buffer (each shadow is a
 reshaped slice of it). The update is picked by context:
 
-- CPU (:class:`CpuUpdateGroup`): :func:`blend_in_place`, BLAS ``scal`` then
-  ``axpy`` (SciPy's BLAS, run single-threaded) in place on zero-copy NumPy
-  views of the arrays' memory, in blocks of 1 MiB that stay in the cache
-  between the two calls. The MXNet engine is synchronised by hand: each
-  parameter waits for its pending writes before it is read, the shadow
-  buffer waits for its pending reads and writes before it is written.
-  Values of another dtype (float16 parameters, float32 shadows) are cast by
-  MXNet first.
+- CPU (:class:`CpuUpdateGroup`): one compiled loop over every array, given
+  their addresses (:data:`modavg_plugin.kernels.ENGINE_KERNELS`), pushed
+  into MXNet's engine (:mod:`modavg_plugin.engine_ops`) after the writes of
+  the values and before the next writes of the weights or uses of the
+  shadows: the caller does not wait, the engine runs no Python, and the
+  cost per array is nanoseconds. Addresses are looked up once, when the
+  value arrays are new. Values the loop cannot read in place (another
+  dtype, another device, sparse) are first copied into staging arrays, by
+  MXNet, in the engine too.
+  Arrays of three or more dimensions (convolution weights) may be reordered
+  in place by MKLDNN into a blocked layout during an inference pass, which
+  an address cannot show: for a group holding any, each update first waits
+  for all queued work and asks MXNet for the address, which puts the array
+  back in the default layout (without the wait, 1 in 3 runs of a test read
+  the blocked layout).
 - other contexts, e.g. GPU (:class:`MultiTensorUpdateGroup`): MXNet's
   ``multi_sgd_update`` with ``lr = d - 1``, ``wd = -1``, which computes exactly
   ``d * s + (1 - d) * p``, batched to at most 60 arrays a call (61 or more
   abort the process in MXNet 1.9).
 - integer dtypes (:class:`CopyUpdateGroup`): copied, not averaged.
 
-Written by hand because no library offers in-place arithmetic on MXNet's
-memory under its engine; BLAS does the arithmetic. Single-threaded on
-purpose (threadpoolctl limits every loaded BLAS to one thread for the
-duration of an update): with its default two threads, SciPy's OpenBLAS
-stalled whenever another process kept a core busy, and its spinning threads
-slowed MXNet's own. With a busy-looping process beside it, a GluonTS
-SimpleFeedForward run (1,500 steps) took 27.6 s with the EMA instead of
-11.4 s without; single-threaded, 13.7 s with and 14.1 s without (run-to-run
-noise). On a ResNet-50's weights, single-threaded blocks took 1.42-1.46x the
-NumPy floor against 2.2-2.4x for NumPy's own ``multiply``/``add``.
+Written by hand because no library offers arithmetic on MXNet's memory under
+its engine; the loop itself is compiled by Numba. On CPU, MXNet's own
+operators are far from the memory-bandwidth floor here (``sgd_update`` on a
+flat ResNet-50-sized array: 29 ms against 7 ms for NumPy's ``s += p``;
+``multi_sgd_update`` per tensor: 114 ms).
 """
 
 import ctypes
-import functools
-from typing import ContextManager, Dict, Optional, Sequence, Tuple
+import operator
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import mxnet as mx
 import numpy as np
 from mxnet.base import _LIB, check_call
-from scipy.linalg import blas
-from threadpoolctl import ThreadpoolController
 
 from .dtypes import is_floating
+from .engine_ops import EnginePush, handle_array
+from .kernels import DONE_FIELD, ENGINE_FIELDS, ENGINE_KERNELS, KEEP_FIELD, compile_kernels, engine_arguments
+from .parameters import readable_in_place
 
 __all__ = [
     "MULTI_TENSOR_LIMIT",
-    "SCRATCH_VALUES",
     "CopyUpdateGroup",
     "CpuUpdateGroup",
     "MultiTensorUpdateGroup",
     "UpdateGroup",
-    "blend_in_place",
-    "single_threaded_blas",
+    "ZeroCopyView",
+    "data_pointer",
     "update_group_for",
 ]
 
 MULTI_TENSOR_LIMIT = 60
 """Most weights ``multi_sgd_update`` takes in one call (61 aborts the process)."""
 
-SCRATCH_VALUES = 1 << 18
-"""Values per block of :func:`blend_in_place`: 1 MiB of float32, within one core's cache here."""
+ENGINE_SLOTS = 16
+"""Updates of one group that may be queued in MXNet's engine at once (each has its own arguments)."""
 
-
-def wait_to_write(array: mx.nd.NDArray) -> None:
-    """Block until every pending read and write of ``array`` by the engine is done."""
-    check_call(_LIB.MXNDArrayWaitToWrite(array.handle))
+REORDERABLE_NDIM = 3
+"""Arrays with this many dimensions or more may be put in a blocked layout by MKLDNN (convolution weights)."""
 
 
 def data_pointer(array: mx.nd.NDArray) -> int:
@@ -70,6 +70,13 @@ def data_pointer(array: mx.nd.NDArray) -> int:
     pointer = ctypes.c_void_p()
     check_call(_LIB.MXNDArrayGetData(array.handle, ctypes.byref(pointer)))
     return int(pointer.value or 0)
+
+
+def host_view(array: mx.nd.NDArray) -> np.ndarray:
+    """A flat NumPy view of a CPU NDArray's memory, as it is now (no synchronisation)."""
+    dtype = np.dtype(array.dtype)
+    buffer = (ctypes.c_byte * (array.size * dtype.itemsize)).from_address(data_pointer(array))
+    return np.frombuffer(buffer, dtype=dtype)
 
 
 class ZeroCopyView:
@@ -91,68 +98,14 @@ class ZeroCopyView:
 
     def write(self, array: mx.nd.NDArray) -> np.ndarray:
         """Flat view of ``array`` after its pending reads and writes."""
-        wait_to_write(array)
+        check_call(_LIB.MXNDArrayWaitToWrite(array.handle))
         return self._current(array)
 
     def _current(self, array: mx.nd.NDArray) -> np.ndarray:
         pointer = data_pointer(array)
         if array is not self._array or pointer != self._pointer:
-            dtype = np.dtype(array.dtype)
-            buffer = (ctypes.c_byte * (array.size * dtype.itemsize)).from_address(pointer)
-            self._array, self._pointer, self._view = array, pointer, np.frombuffer(buffer, dtype=dtype)
+            self._array, self._pointer, self._view = array, pointer, host_view(array)
         return self._view
-
-
-@functools.lru_cache(maxsize=None)
-def blas_functions(dtype: np.dtype):
-    """BLAS ``scal`` (``x *= a``) and ``axpy`` (``y += a * x``) for ``dtype``."""
-    return blas.get_blas_funcs(("scal", "axpy"), dtype=np.dtype(dtype))
-
-
-@functools.lru_cache(maxsize=None)
-def blas_libraries():
-    """The BLAS libraries loaded in this process, to run them single-threaded around an update."""
-    return ThreadpoolController().select(user_api="blas")
-
-
-def single_threaded_blas() -> ContextManager[object]:
-    """Run the process's BLAS libraries single-threaded inside the ``with`` block (about 35 µs to enter and leave)."""
-    return blas_libraries().limit(limits=1)
-
-
-def blend_in_place(target: np.ndarray, values: np.ndarray, keep: float, weight: float, scratch: np.ndarray) -> None:
-    """``target = keep * target + weight * values`` in place, on flat arrays, block by block.
-
-    Blocks of ``scratch.size`` values stay in the CPU cache between the two
-    passes: BLAS ``scal`` (skipped when ``keep == 1``) and ``axpy`` when the
-    dtypes match, else NumPy casting ``values`` through ``scratch`` (a flat
-    array of ``target``'s dtype). Call it inside :func:`single_threaded_blas`.
-    """
-    if values.dtype != target.dtype:
-        _blend_casting(target, values, keep, weight, scratch)
-        return
-    scal, axpy = blas_functions(target.dtype)
-    for begin in range(0, values.size, scratch.size):
-        block = target[begin : begin + scratch.size]
-        if keep != 1.0:
-            _check_in_place(scal(keep, block), block)
-        _check_in_place(axpy(values[begin : begin + scratch.size], block, a=weight), block)
-
-
-def _blend_casting(target: np.ndarray, values: np.ndarray, keep: float, weight: float, scratch: np.ndarray) -> None:
-    for begin in range(0, values.size, scratch.size):
-        stop = min(begin + scratch.size, values.size)
-        scaled, block = scratch[: stop - begin], target[begin:stop]
-        np.multiply(values[begin:stop], weight, out=scaled, casting="same_kind")
-        if keep != 1.0:
-            np.multiply(block, keep, out=block)
-        np.add(block, scaled, out=block)
-
-
-def _check_in_place(result: np.ndarray, target: np.ndarray) -> None:
-    """SciPy's BLAS wrappers work in place on contiguous arrays of their dtype; never rely on it silently."""
-    if result is not target:
-        target[...] = result
 
 
 class UpdateGroup:
@@ -195,24 +148,77 @@ class CopyUpdateGroup(UpdateGroup):
 
 
 class CpuUpdateGroup(UpdateGroup):
-    """CPU shadows updated by :func:`blend_in_place` on zero-copy views (see the module docstring)."""
+    """CPU shadows updated by one compiled loop pushed into MXNet's engine (see the module docstring)."""
 
     def __init__(self, names: Sequence[str], initial_values: Sequence[mx.nd.NDArray], dtype: np.dtype) -> None:
         super().__init__(names, initial_values, dtype)
-        self._value_views = [ZeroCopyView() for _ in self.names]
-        self._flat_view = ZeroCopyView()
-        self._scratch = np.empty(min(SCRATCH_VALUES, max(1, *self.sizes)), dtype=self.dtype)
+        compile_kernels(self.dtype)
+        self._kernel = ENGINE_KERNELS[self.dtype]
+        mx.nd.waitall()  # the flat buffer is allocated and filled: its address is fixed from here on
+        self._offsets = np.array(self.offsets, dtype=np.int64)
+        self._sizes = np.array(self.sizes, dtype=np.int64)
+        self._values: List[mx.nd.NDArray] = []  # the arrays the addresses below are of
+        self._staging: List[Optional[mx.nd.NDArray]] = []  # per value: the array the loop reads, if not the value
+        self._reads: List[mx.nd.NDArray] = []
+        self._push = EnginePush(self._kernel, handle_array([]), handle_array([self.flat]), self.context, "modavg_ema")
+        self._addresses = np.zeros(0, dtype=np.int64)
+        self._reorderable: List[int] = []
+        self._slots = np.zeros((ENGINE_SLOTS, ENGINE_FIELDS), dtype=np.int64)  # arguments of the queued updates
+        self._slot_keeps = [fields.view(np.float64)[KEEP_FIELD : KEEP_FIELD + 1] for fields in self._slots]
+        self._slot_addresses = [ctypes.c_void_p(fields.ctypes.data) for fields in self._slots]
+        self._pushed = np.zeros(ENGINE_SLOTS, dtype=np.int64)  # updates pushed with each slot
+        self._next_slot = 0
 
     def update(self, values: Sequence[mx.nd.NDArray], decay: float) -> None:
-        # One wait for everything queued: a pending inference pass may still reorder a value in place (MKLDNN),
-        # which waiting for the value's own writes does not catch (the pass only reads it).
-        mx.nd.waitall()
-        values = [value if value.dtype == self.dtype else value.astype(self.dtype) for value in values]
-        views = [view.read(value) for view, value in zip(self._value_views, values)]
-        flat = self._flat_view.write(self.flat)
-        with single_threaded_blas():
-            for value, start, size in zip(views, self.offsets, self.sizes):
-                blend_in_place(flat[start : start + size], value, decay, 1.0 - decay, self._scratch)
+        if len(values) != len(self._values) or not all(map(operator.is_, values, self._values)):
+            self._follow(values)
+        for value, staging in zip(values, self._staging):
+            if staging is not None:
+                value.copyto(staging)  # MXNet casts or copies across devices, in the engine
+        if self._reorderable:
+            mx.nd.waitall()  # no queued inference pass may reorder a convolution weight after the look-up below
+            for index in self._reorderable:
+                data_pointer(self._reads[index])  # puts an MKLDNN-reordered array back in the default layout
+        slot = self._next_slot
+        self._next_slot = (slot + 1) % ENGINE_SLOTS
+        if self._slots[slot, DONE_FIELD] != self._pushed[slot]:
+            mx.nd.waitall()  # the engine is ENGINE_SLOTS updates behind: this slot's last update has not run yet
+        self._slot_keeps[slot][0] = decay
+        self._pushed[slot] += 1
+        self._push(self._slot_addresses[slot])
+
+    def _follow(self, values: Sequence[mx.nd.NDArray]) -> None:
+        """New value arrays (the first update, or a host that re-created them): look their addresses up."""
+        if len(values) != len(self.names):
+            raise ValueError(f"{len(values)} values for {len(self.names)} shadows")
+        mx.nd.waitall()  # nothing queued may use the old addresses, nor reorder or fill the new arrays meanwhile
+        self._staging = [
+            None if self._readable(value) else mx.nd.empty(value.shape, ctx=self.context, dtype=self.dtype)
+            for value in values
+        ]
+        self._reads = [value if staging is None else staging for value, staging in zip(values, self._staging)]
+        self._push = EnginePush(
+            self._kernel, handle_array(self._reads), handle_array([self.flat]), self.context, "modavg_ema"
+        )
+        self._addresses = np.array([data_pointer(array) for array in self._reads], dtype=np.int64)
+        self._reorderable = [index for index, array in enumerate(self._reads) if array.ndim >= REORDERABLE_NDIM]
+        for fields in self._slots:
+            engine_arguments(
+                fields, data_pointer(self.flat), self.flat.size, self._addresses, self._offsets, self._sizes
+            )
+        self._values = list(values)
+
+    def _readable(self, value: mx.nd.NDArray) -> bool:
+        """Whether the loop can read ``value`` where it is: the shadows' dtype, host memory, default storage."""
+        return (
+            np.dtype(value.dtype) == self.dtype
+            and readable_in_place(value.context, self.context)
+            and value.stype == "default"
+        )
+
+    def __del__(self) -> None:
+        if hasattr(self, "_slots") and np.any(self._slots[:, DONE_FIELD] != self._pushed):
+            mx.nd.waitall()  # queued updates still read this group's arguments
 
 
 class MultiTensorUpdateGroup(UpdateGroup):

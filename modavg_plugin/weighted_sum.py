@@ -35,8 +35,9 @@ from .dtypes import (
     is_floating,
     round_to_bfloat16,
 )
+from .kernels import blend
 from .params_files import ParamsFile, ParamsFileReader, ParamsFormatError, load_params, open_params
-from .update_kernels import SCRATCH_VALUES, ZeroCopyView, blend_in_place, single_threaded_blas
+from .update_kernels import ZeroCopyView
 
 __all__ = [
     "WeightedSum",
@@ -133,7 +134,7 @@ class WeightedSum:
     """Running weighted sum of named arrays, on the host, in float32 or wider, updated in place.
 
     Floating arrays (bfloat16 too, see the module's docstring) are summed
-    (BLAS ``axpy``) in one flat buffer per summing dtype; integer arrays are
+    (:func:`~modavg_plugin.kernels.blend`) in one flat buffer per summing dtype; integer arrays are
     copied from the first source added (the best-ranked checkpoint when
     sources come sorted). An array's dtype must be the same in every source.
     Memory: one copy of the sums, whatever the number of sources. Values
@@ -148,7 +149,6 @@ class WeightedSum:
         self._dtypes: Dict[str, np.dtype] = {}
         self._shapes: Dict[str, Tuple[int, ...]] = {}
         self._first_source = ""
-        self._scratch: Dict[np.dtype, np.ndarray] = {}
         self.total_weight = 0.0
 
     def add(self, arrays: Mapping[str, ArrayLike], weight: float, source: str) -> None:
@@ -186,27 +186,16 @@ class WeightedSum:
             self._allocate(specification, source)
         else:
             self._check_matches(specification, source)
-        with single_threaded_blas():
-            for name, start, values in pieces:
-                stop = start + values.size
-                if name in self._integers:
-                    if first:
-                        self._integers[name].reshape(-1)[start:stop] = values
-                    continue
-                flat_dtype, offset = self._places[name]
-                target = self._flats[flat_dtype][offset + start : offset + stop]
+        for name, start, values in pieces:
+            stop = start + values.size
+            if name in self._integers:
                 if first:
-                    np.multiply(values, weight, out=target, casting="same_kind")
-                else:
-                    self._add_scaled(target, values, weight)
+                    self._integers[name].reshape(-1)[start:stop] = values
+                continue
+            flat_dtype, offset = self._places[name]
+            target = self._flats[flat_dtype][offset + start : offset + stop]
+            blend(target, values, 0.0 if first else 1.0, weight)  # the first source is written, the others added
         self.total_weight += weight
-
-    def _add_scaled(self, target: np.ndarray, values: np.ndarray, weight: float) -> None:
-        """``target += weight * values`` (single-threaded BLAS ``axpy``, or NumPy casting through a scratch)."""
-        scratch = self._scratch.get(target.dtype)
-        if scratch is None:
-            scratch = self._scratch[target.dtype] = np.empty(SCRATCH_VALUES, dtype=target.dtype)
-        blend_in_place(target, values, 1.0, weight, scratch)
 
     def _allocate(self, specification: Mapping[str, Tuple[np.dtype, Tuple[int, ...]]], source: str) -> None:
         self._first_source = source
@@ -245,7 +234,6 @@ class WeightedSum:
         duplicate.__dict__.update(self.__dict__)
         duplicate._flats = {dtype: flat.copy() for dtype, flat in self._flats.items()}
         duplicate._integers = {name: values.copy() for name, values in self._integers.items()}
-        duplicate._scratch = {}
         return duplicate
 
     def mean(self, context: Optional[mx.Context] = None) -> Dict[str, mx.nd.NDArray]:
@@ -268,7 +256,7 @@ class WeightedSum:
             for flat in self._flats.values():
                 np.multiply(flat, 1.0 / self.total_weight, out=flat)
         averaged = self._arrays(self._flats, context)
-        self._flats, self._integers, self._scratch = {}, {}, {}
+        self._flats, self._integers = {}, {}
         return averaged
 
     def _arrays(self, flats: Mapping[np.dtype, np.ndarray], context: Optional[mx.Context]) -> Dict[str, mx.nd.NDArray]:

@@ -7,15 +7,12 @@ import numpy as np
 import pytest
 from numpy.testing import assert_allclose
 
-from modavg_plugin import ExponentialMovingAverage
+from modavg_plugin import ExponentialMovingAverage, update_kernels
 from modavg_plugin.update_kernels import (
     MULTI_TENSOR_LIMIT,
     CopyUpdateGroup,
     CpuUpdateGroup,
     MultiTensorUpdateGroup,
-    blas_libraries,
-    blend_in_place,
-    single_threaded_blas,
     update_group_for,
 )
 
@@ -121,23 +118,35 @@ def test_apply_waits_for_pending_reads_of_the_shadow():
     assert_allclose(ema.shadows["weight"].asnumpy(), np.full(1000, 2.0))
 
 
-@pytest.mark.parametrize("values_dtype", [np.float32, np.float16])  # BLAS path, NumPy casting path
-@pytest.mark.parametrize("keep", [1.0, 0.9])
-@pytest.mark.parametrize("scratch_size", [7, 64, 1000])
-def test_blend_in_place_is_the_formula_across_block_boundaries(values_dtype, keep, scratch_size):
-    rng = np.random.default_rng(3)
-    target = rng.standard_normal(1000).astype(np.float32)
-    memory = target.__array_interface__["data"][0]
-    values = rng.standard_normal(1000).astype(values_dtype)
-    expected = keep * target.astype(np.float64) + 0.25 * values.astype(np.float64)
-    with single_threaded_blas():
-        blend_in_place(target, values, keep, 0.25, np.empty(scratch_size, dtype=np.float32))
-    np.testing.assert_allclose(target, expected, rtol=1e-6, atol=1e-7)
-    assert target.__array_interface__["data"][0] == memory
+def test_apply_reads_the_values_before_writes_queued_after_it():
+    ema, parameter = make_average()
+    parameter.data()[:] = 3.0
+    busy = slow_engine_work()
+    ema.apply()  # queued behind the slow chain, as the write below is
+    mx.nd.elemwise_add(busy[0, :1000] * 0.0, mx.nd.full((1000,), 9.0), out=parameter.data())
+    assert_allclose(ema.shadows["weight"].asnumpy(), np.full(1000, 2.0))
+    assert_allclose(parameter.data().asnumpy(), np.full(1000, 9.0))
 
 
-def test_blas_runs_single_threaded_inside_the_context_and_as_before_after():
-    before = [library.num_threads for library in blas_libraries().lib_controllers]
-    with single_threaded_blas():
-        assert all(library.num_threads == 1 for library in blas_libraries().lib_controllers)
-    assert [library.num_threads for library in blas_libraries().lib_controllers] == before
+def test_more_queued_updates_than_argument_slots_all_land_with_their_own_decay():
+    # Caught (would be): a slot's arguments overwritten while its update still waited in the engine.
+    value = mx.nd.full((1000,), 1.0)
+    group = CpuUpdateGroup(["w"], [value], np.dtype("float32"))
+    busy = slow_engine_work()
+    mx.nd.elemwise_add(busy[0, :1000] * 0.0, mx.nd.full((1000,), 2.0), out=value)  # the updates queue behind it
+    decays = [0.99 + 0.0002 * step for step in range(3 * update_kernels.ENGINE_SLOTS)]
+    for decay in decays:
+        group.update([value], decay)
+    expected = 2.0 - float(np.prod(decays))  # the shadow starts at 1.0 and every value is 2.0
+    assert_allclose(group.shadows["w"].asnumpy(), np.full(1000, expected), rtol=1e-6)
+
+
+def test_new_value_arrays_are_followed():
+    # Caught: addresses kept from the first update after the host replaced its arrays (Parameter.reset_ctx).
+    ema, parameter = make_average()
+    parameter.data()[:] = 3.0
+    ema.apply()  # 2.0
+    parameter.reset_ctx(mx.cpu(0))  # new arrays, same values
+    parameter.data()[:] = 5.0
+    ema.apply()  # 3.5
+    assert_allclose(ema.shadows["weight"].asnumpy(), np.full(1000, 3.5))

@@ -43,7 +43,7 @@ README_PATH = REPOSITORY_ROOT / "README.md"
 Generator = Callable[[], str]
 
 #: Modules with a ``README_BLOCKS`` dict, imported with the repository root on ``sys.path``.
-GENERATOR_MODULES: List[str] = ["tools.configuration_reference", "tools.demo_results"]
+GENERATOR_MODULES: List[str] = ["tools.configuration_reference", "tools.demo_results", "tools.bench_results"]
 
 #: Block name -> function returning the block's Markdown.
 GENERATORS: Dict[str, Generator] = {}
