@@ -9,7 +9,7 @@ besides the network), the candidates:
 * the raw last iterate;
 * the power EMA of each width in ``widths``, rebuilt from the snapshots
   (:mod:`modavg_plugin.posthoc`), when its error bound is at most
-  :data:`MAX_ERROR_BOUND` (a poorer one is not the average it is named after);
+  ``MAX_ERROR_BOUND`` (a poorer one is not the average it is named after);
 * the mean of the ``best_epochs`` per-epoch checkpoints with the best
   validation loss.
 
@@ -20,7 +20,7 @@ prefers the simpler of models whose difference the validation data cannot
 resolve. The standard error is that of the paired per-element differences
 of the validation losses (the same validation elements under both sets of
 weights); when the host measures only a mean (``Module.score``), near-ties
-are differences below :data:`SCALAR_TIE` relatively. Simpler means: the raw
+are differences below ``SCALAR_TIE`` relatively. Simpler means: the raw
 weights, then a single EMA (narrower first: closer to the raw weights), then
 the mean of several checkpoints.
 """
@@ -65,8 +65,8 @@ class AutoOptions:
     """The ``"auto"`` mode's settings, checked."""
 
     widths: List[float]
-    tracked: List[float]
-    validated: float
+    tracked: List[float]  #: the widths kept during training to rebuild the others from
+    validated: float  #: the width validated every epoch
     best_epochs: int
     maximize: bool
 
@@ -86,7 +86,7 @@ class AutoOptions:
 
 
 def auto_options(config: Mapping[str, Any]) -> AutoOptions:
-    """``{"type": "auto", ...}`` checked, with the defaults of :data:`AUTO_DEFAULTS`; :class:`ConfigurationError` naming a bad key."""
+    """``{"type": "auto", ...}`` checked, with the defaults of :data:`AUTO_DEFAULTS`; :class:`~modavg_plugin.ConfigurationError` naming a bad key."""
     unknown = sorted(set(config) - set(AUTO_DEFAULTS) - {"type"})
     if unknown:
         raise ConfigurationError(f"auto: unknown key {unknown[0]!r}; accepted: {sorted(AUTO_DEFAULTS)}")

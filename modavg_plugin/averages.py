@@ -221,6 +221,7 @@ class MovingAverage(Registrable):
         }
         self._backups: Dict[str, List[mx.nd.NDArray]] = {}
         self._assigned = False
+        #: How many steps were averaged so far (steps before ``start_step`` or skipped by ``update_every`` are not).
         self.num_applied = 0
         self.num_steps = 0
 
@@ -462,7 +463,7 @@ class ExponentialMovingAverage(MovingAverage):
     warmup_power
         timm's ``power``, a finite number > 0 (``warmup="power"``): 3/4
         reaches 0.999 after about 10,000 steps, 2/3 after about 31,600.
-    options
+    **options
         The options every moving average takes (``shadow_context``,
         ``start_step``, ``update_every``, ``non_trainable``, ``include``,
         ``exclude``): see :class:`MovingAverage`.
@@ -531,7 +532,7 @@ class CumulativeMovingAverage(MovingAverage):
     eta
         Polynomial decay, a finite number >= 0: 0 gives the arithmetic mean;
         larger values weight later updates more (GluonTS's ``eta``).
-    options
+    **options
         The options every moving average takes: see :class:`MovingAverage`.
     """
 
@@ -564,7 +565,7 @@ class PowerMovingAverage(MovingAverage):
         The relative width instead, in (0, 0.2887): 0.05 averages about the
         last tenth of training, larger values longer; used when ``gamma`` is
         ``None``.
-    options
+    **options
         The options every moving average takes: see :class:`MovingAverage`.
     """
 

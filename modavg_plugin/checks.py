@@ -24,7 +24,7 @@ __all__ = [
     "shown_value",
 ]
 
-MAX_REASONS_SHOWN = 20  # files or records named in one warning or error; the rest are counted
+MAX_REASONS_SHOWN = 20  #: files or records named in one warning or error; the rest are counted
 
 
 class CheckpointError(ValueError):
@@ -100,7 +100,7 @@ def _range_text(low: Optional[float], high: Optional[float], open_low: bool, ope
 
 
 def check_choice(name: str, value: Any, choices: Sequence[str]) -> str:
-    """``value`` unless it is not one of ``choices`` (:class:`ConfigurationError` listing them)."""
+    """``value`` unless it is not one of ``choices`` (:class:`~modavg_plugin.ConfigurationError` listing them)."""
     if not isinstance(value, str) or value not in choices:
         raise ConfigurationError(f"{name} must be one of {list(choices)}, got {value!r}")
     return value

@@ -2,7 +2,7 @@
 
 ``modavg average FILE [FILE ...] -o OUT`` writes the equal-weight mean of
 the files; ``modavg average FOLDER`` selects from the folder's
-``*-epoch-info.json`` records with a registered :class:`AveragingStrategy`
+``*-epoch-info.json`` records with a registered :class:`~modavg_plugin.AveragingStrategy`
 and writes ``FOLDER/averaged_model-0000.params`` (or ``-o OUT``). Gluon files
 (plain names) and Module checkpoints (``arg:``/``aux:`` names) are both
 accepted, names kept as they are. Files are streamed (one checkpoint in
@@ -16,12 +16,12 @@ missing or unreadable parameter file, a ``params_path`` outside the folder
 without ``--allow-outside-folder``) is skipped with a warning before the
 strategy selects, and a selected checkpoint that turns unreadable afterwards
 is skipped with the remaining weights renormalised, like
-:meth:`AveragingStrategy.apply`.
+:meth:`~modavg_plugin.AveragingStrategy.apply`.
 
 ``modavg posthoc FOLDER (--sigma-rel S | --gamma G) [--step T] -o OUT``
 rebuilds the power-function EMA of width ``S`` (or exponent ``G``) at step
 ``T`` (default: the last saved) from the snapshots
-:class:`~modavg_plugin.posthoc.PostHocSnapshots` saved in ``FOLDER``, a
+:class:`~modavg_plugin.PostHocSnapshots` saved in ``FOLDER``, a
 signed combination of them (:func:`~modavg_plugin.posthoc.plan_posthoc`),
 streamed one file at a time and written atomically. Unusable snapshot
 records are skipped with one warning; ``--dry-run`` prints each snapshot

@@ -22,7 +22,7 @@ __all__ = [
     "round_to_bfloat16",
 ]
 
-BFLOAT16 = np.dtype([("bfloat16", np.uint16)])
+BFLOAT16 = np.dtype([("bfloat16", np.uint16)])  #: MXNet's bfloat16 as NumPy sees it: 16 bits, a record
 """How MXNet 1.x spells bfloat16 to NumPy (``NDArray.dtype``, ``asnumpy()``): a record of the raw 16 bits."""
 BLOCK_VALUES = 1 << 18  # values rounded per block: 1 MiB of uint32 scratch
 

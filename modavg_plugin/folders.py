@@ -46,7 +46,7 @@ logger = logging.getLogger(__name__)
 
 EPOCH_INFO_SUFFIX = "-epoch-info.json"
 POSTHOC_INFO_SUFFIX = "-posthoc-info.json"
-MAX_RECORD_BYTES = 1 << 20  # the library writes about 100 bytes; larger files are not read
+MAX_RECORD_BYTES = 1 << 20  #: the library writes about 100 bytes; larger files are not read
 MAX_EPOCH_INFO_BYTES = MAX_RECORD_BYTES
 
 
@@ -56,7 +56,7 @@ class RecordKind:
 
     ``check(record, folder, file_name)`` returns the record with
     ``params_path`` resolved and ``info_path`` added, or raises
-    :class:`CheckpointError` with the reason alone (the reader names the file).
+    :class:`~modavg_plugin.CheckpointError` with the reason alone (the reader names the file).
     """
 
     suffix: str
@@ -103,7 +103,7 @@ def read_records(folder: str, kind: RecordKind) -> List[Dict[str, Any]]:
 
 
 def _claim(params_path: str, record_name: str, claimed: Dict[str, str]) -> None:
-    """:class:`CheckpointError` if an earlier record names the same parameter file (it would count twice)."""
+    """:class:`~modavg_plugin.CheckpointError` if an earlier record names the same parameter file (it would count twice)."""
     real_path = os.path.realpath(params_path)
     if real_path in claimed:
         raise CheckpointError(f"names the same parameter file as {claimed[real_path]}")
@@ -178,7 +178,7 @@ def is_inside_folder(path: str, folder: str) -> bool:
 
 
 def resolve_inside(folder: str, params_path: Any, allow_outside_folder: bool = False, hint: str = "") -> str:
-    """``params_path`` (a non-empty string) joined to ``folder``; :class:`CheckpointError` if it leads outside.
+    """``params_path`` (a non-empty string) joined to ``folder``; :class:`~modavg_plugin.CheckpointError` if it leads outside.
 
     An absolute ``params_path`` stays as it is (GluonTS writes absolute paths
     inside the folder: those are accepted).
@@ -193,7 +193,7 @@ def resolve_inside(folder: str, params_path: Any, allow_outside_folder: bool = F
 
 
 def required_field(record: Dict[str, Any], key: str, wanted: str) -> Any:
-    """``record[key]``; :class:`CheckpointError` saying what was wanted when the key is missing."""
+    """``record[key]``; :class:`~modavg_plugin.CheckpointError` saying what was wanted when the key is missing."""
     if key not in record:
         raise CheckpointError(f"{key!r} must be {wanted}, got nothing")
     return record[key]
@@ -291,7 +291,7 @@ UNSTAMPED = "unstamped"
 
 
 def one_run(records: List[Dict[str, Any]], run: Optional[str], folder: str) -> List[Dict[str, Any]]:
-    """The records of run ``run``, or all of them when they are of one run; :class:`CheckpointError` otherwise.
+    """The records of run ``run``, or all of them when they are of one run; :class:`~modavg_plugin.CheckpointError` otherwise.
 
     The error lists each run (its id, how many records, their first and
     last epoch or step) and says how to choose.

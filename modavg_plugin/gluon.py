@@ -32,7 +32,7 @@ def network_parameters(network: mx.gluon.Block) -> NamedParameters:
 
 
 class ForwardHook:
-    """Runs :meth:`_pass` in place of a network's forward pass while attached (the network's own ``forward`` after)."""
+    """Runs ``_pass`` in place of a network's forward pass while attached (the network's own ``forward`` after)."""
 
     def __init__(self) -> None:
         self._network: Optional[mx.gluon.Block] = None
@@ -78,7 +78,7 @@ class AveragedValidation(ForwardHook):
     measure_raw
         Also measure the raw weights' loss (one more forward pass a batch).
     keep_inputs
-        Keep the inputs of the passes since :meth:`attach` in :attr:`inputs`
+        Keep the inputs of the passes since :meth:`attach` in ``inputs``
         (references to the batches, no copies), for evaluating other weights
         on the same validation data later.
     """

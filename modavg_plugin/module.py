@@ -1,4 +1,4 @@
-"""Averaging for MXNet's symbolic ``Module.fit``: its callback arguments, translated to an :class:`AveragingRun`.
+"""Averaging for MXNet's symbolic ``Module.fit``: its callback arguments, translated to an :class:`~modavg_plugin.AveragingRun`.
 
 ``Module.fit`` runs, per epoch: the batches (``batch_end_callback`` after
 each update), a sync of the parameters across devices, ``epoch_end_callback``,
@@ -45,7 +45,7 @@ class ModuleAveraging(RunViews):
     """Plugs weight averaging into ``Module.fit`` through its three callback arguments.
 
     Use it with MXNet's symbolic ``Module`` API (Gluon code uses an
-    :class:`~modavg_plugin.run.AveragingRun` or a :class:`MovingAverage`
+    :class:`~modavg_plugin.run.AveragingRun` or a :class:`~modavg_plugin.MovingAverage`
     directly, GluonTS's ``Trainer`` the callbacks). Each epoch's averaged
     weights are saved as a normal Module checkpoint (``{prefix}-symbol.json``,
     ``{prefix}-NNNN.params`` with ``arg:``/``aux:`` names, NNNN = epochs
@@ -61,12 +61,12 @@ class ModuleAveraging(RunViews):
     module
         The ``mx.mod.Module`` to train (``Module.fit`` binds and initialises it).
     average
-        A :class:`MovingAverage` config: a name, or a dict such as
+        A :class:`~modavg_plugin.MovingAverage` config: a name, or a dict such as
         ``{"type": "exponential", "decay": 0.999}``; ``None``: none (then
         ``avg_strategy`` is required and averages the raw checkpoints). The
         shadows start after the first update (``Module.fit`` has no earlier hook).
     avg_strategy
-        An :class:`AveragingStrategy` or its config, whose average of the kept
+        An :class:`~modavg_plugin.AveragingStrategy` or its config, whose average of the kept
         checkpoints the module ends with; its ``metric`` is ``"score"`` (the
         first evaluation metric) or an evaluation metric's name; ``None``: end
         with the moving average.

@@ -400,7 +400,7 @@ class ParamsFileReader:
 
 
 def check_is_file(path: str) -> None:
-    """:class:`CheckpointError` naming ``path`` unless it is an existing regular file (a FIFO would block a reader)."""
+    """:class:`~modavg_plugin.CheckpointError` naming ``path`` unless it is an existing regular file (a FIFO would block a reader)."""
     if not os.path.exists(path):
         raise CheckpointError(f"checkpoint file {path} does not exist")
     if not os.path.isfile(path):
@@ -428,7 +428,7 @@ def read_array_names(path: str) -> List[str]:
 
 
 def load_params(path: str) -> Dict[str, mx.nd.NDArray]:
-    """Load a ``.params`` file into CPU arrays; :class:`CheckpointError` naming it if unreadable.
+    """Load a ``.params`` file into CPU arrays; :class:`~modavg_plugin.CheckpointError` naming it if unreadable.
 
     Sparse arrays are checked before anything densifies them: an index out
     of range would make MXNet write out of bounds (it aborts the process).

@@ -21,7 +21,7 @@ EMA by at most ``r * max_k |theta_k|``, element by element. The snapshots
 are float32 EMAs, each off by up to about :func:`snapshot_error` ``* max|theta|``;
 the coefficients multiply that, so :attr:`PosthocPlan.error_bound` is
 ``r + sum_i |x_i| snapshot_error(t_i)``, and a warning is logged when it is
-above :data:`POOR_RESIDUAL`. The cost does not grow with the run's length
+above :data:`~modavg_plugin.profiles.POOR_RESIDUAL`. The cost does not grow with the run's length
 (see :func:`posthoc_coefficients`).
 """
 
@@ -91,7 +91,7 @@ class PosthocPlan:
 
     @property
     def paths(self) -> List[str]:
-        """The ``.params`` files combined, in the order of :attr:`snapshots`."""
+        """The ``.params`` files combined, in the order of ``snapshots``."""
         return [record["params_path"] for record in self.snapshots]
 
     @property
@@ -116,10 +116,13 @@ def plan_posthoc(
 ) -> PosthocPlan:
     """The coefficients rebuilding the target EMA from the usable snapshots in ``folder`` (values not read).
 
+    A warning is logged when :attr:`PosthocPlan.error_bound` is above
+    :data:`~modavg_plugin.profiles.POOR_RESIDUAL`.
+
     Parameters
     ----------
     folder
-        A folder :class:`PostHocSnapshots` saved into.
+        A folder :class:`~modavg_plugin.PostHocSnapshots` saved into.
     sigma_rel
         The target's relative width, in (0, 0.2887); give it or ``gamma``.
     gamma
@@ -128,10 +131,7 @@ def plan_posthoc(
         The training step to rebuild the EMA at, between the first and the
         last snapshot's step (later steps are in no snapshot); default: the
         last. Every snapshot up to it is used; records beyond
-        :data:`MAX_STEP` or :data:`MAX_GAMMA` are skipped with a warning.
-
-    A warning is logged when :attr:`PosthocPlan.error_bound` is above
-    :data:`POOR_RESIDUAL`.
+        :data:`~modavg_plugin.profiles.MAX_STEP` or :data:`~modavg_plugin.profiles.MAX_GAMMA` are skipped with a warning.
 
     run
         The run whose snapshots to use (their ``run_id``), when the folder
@@ -211,7 +211,7 @@ def _log_bound(plan: PosthocPlan) -> None:
 def combine_snapshots(plan: PosthocPlan, progress: Optional[Callable[[str], None]] = None) -> Dict[str, mx.nd.NDArray]:
     """``sum_i x_i snapshot_i`` exactly (not divided by ``sum_i x_i``), streamed one file at a time.
 
-    The sums are kept in float32 or wider (:class:`WeightedSum`), one model
+    The sums are kept in float32 or wider (:class:`~modavg_plugin.weighted_sum.WeightedSum`), one model
     size in memory whatever the number of snapshots; arrays come back in
     their saved dtype on the CPU. Integer arrays are copied from the latest
     snapshot. ``progress(path)`` is called after each file.
@@ -244,7 +244,7 @@ def _non_finite_message(paths: Sequence[str]) -> str:
 
 
 def check_output_path(output: str, plan: PosthocPlan) -> None:
-    """:class:`CheckpointError` unless ``output`` can be written: no folder, in an existing folder, no snapshot."""
+    """:class:`~modavg_plugin.CheckpointError` unless ``output`` can be written: no folder, in an existing folder, no snapshot."""
     if not output.strip():
         raise CheckpointError("the output is an empty name; give a file name with -o OUT")
     if os.path.isdir(output):
@@ -266,8 +266,8 @@ def reconstruct_posthoc(
 ) -> Tuple[Dict[str, mx.nd.NDArray], PosthocPlan]:
     """The power-function EMA of ``sigma_rel`` (or ``gamma``) at ``step``, rebuilt from the snapshots in ``folder``.
 
-    :func:`plan_posthoc` (its arguments and errors), then
-    :func:`combine_snapshots`: the arrays are ``sum_i x_i snapshot_i`` with
+    :func:`~modavg_plugin.posthoc.plan_posthoc` (its arguments and errors), then
+    :func:`~modavg_plugin.posthoc.combine_snapshots`: the arrays are ``sum_i x_i snapshot_i`` with
     the signed coefficients, within ``plan.error_bound * max_k |theta_k|`` of
     the true EMA, element by element.
 

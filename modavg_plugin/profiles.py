@@ -30,9 +30,9 @@ __all__ = [
 ]
 
 PROFILE_CHUNK_STEPS = 1 << 16  # steps per block of profiles: 40 snapshots x 65,536 steps is 21 MB of float64
-POOR_RESIDUAL = 0.1  # an error bound above this is logged as a warning
-MAX_STEP = 10**15  # longer than any run; below 2**52 every half step is exact in float64
-MAX_GAMMA = 1e6  # sigma_rel 1e-6: a profile a millionth of the run wide; narrower ones average nothing
+POOR_RESIDUAL = 0.1  #: an error bound above this is logged as a warning
+MAX_STEP = 10**15  #: longer than any run; below 2**52 every half step is exact in float64
+MAX_GAMMA = 1e6  #: sigma_rel 1e-6: a profile a millionth of the run wide; narrower ones average nothing
 SNAPSHOT_ERROR = 2.0**-19  # float32 error of a snapshot and the sum, per |x_i|, in max|theta| (measured <= 22 * 2**-24)
 SNAPSHOT_ERROR_PER_STEP = 2.0**-31  # its growth with the step (float32 EMA rounding; measured about 2**-34)
 EXACT_STEPS = 1 << 16  # steps below max(EXACT_STEPS, SMOOTH_SCALE * (gamma + 1)) are summed term by term
@@ -101,7 +101,7 @@ def check_snapshot_limits(
     step: Any, gamma: Any, error: Type[ValueError] = ValueError, names: Tuple[str, str] = ("step", "gamma")
 ) -> Tuple[int, float]:
     """``(step, gamma)`` as ``(int, float)``: ``error`` naming the field and the limit unless ``1 <= step <=``
-    :data:`MAX_STEP` and ``0 < gamma <=`` :data:`MAX_GAMMA` (for readers of snapshot records too)."""
+    :data:`~modavg_plugin.profiles.MAX_STEP` and ``0 < gamma <=`` :data:`~modavg_plugin.profiles.MAX_GAMMA` (for readers of snapshot records too)."""
     step = check_integer(names[0], step, 1, error)
     gamma = check_number(names[1], gamma, 0.0, open_low=True, error=error)
     if step > MAX_STEP:
@@ -114,7 +114,7 @@ def check_snapshot_limits(
 def snapshot_error(step: Union[int, np.ndarray]) -> Union[float, np.ndarray]:
     """How far a float32 snapshot of ``step`` steps, summed in float32, may be from its exact value, in ``max|theta|``.
 
-    :data:`SNAPSHOT_ERROR` ``+ step *`` :data:`SNAPSHOT_ERROR_PER_STEP`: the float32 EMA accumulates rounding
+    ``SNAPSHOT_ERROR`` ``+ step *`` ``SNAPSHOT_ERROR_PER_STEP``: the float32 EMA accumulates rounding
     over training (measured on random walks with drift: 5 to 22 ``* 2**-24`` after 2,000 steps, 254 after
     200,000, 4,500 after 10**6 in a float32 emulation), and the sum rounds each ``x_i snapshot_i``. An
     estimate, not a guarantee: the worst case grows as ``3 * 2**-24 * step / (gamma + 2)``.
@@ -133,7 +133,7 @@ def posthoc_coefficients(
     ``x`` is the least-squares fit over ``k = 1..target_step`` or, when the
     profiles are nearly collinear (e.g. tracked widths 0.05 and 0.0500001),
     a fit on the eigen-directions of the unit-diagonal Gram matrix above a
-    cut-off of :data:`EIGENVALUE_CUTOFFS`: of these, the one with the least
+    cut-off of ``EIGENVALUE_CUTOFFS``: of these, the one with the least
     ``residual + sum_i |x_i| snapshot_error(step_i)``.
 
     Sums over steps of the discrete profiles (:func:`power_profile`) are
@@ -207,7 +207,7 @@ def _checked_snapshots(snapshots: Sequence[Tuple[float, int]], target_step: int)
 
 def _candidate_fits(gram: np.ndarray, products: np.ndarray) -> np.ndarray:
     """Plain least squares, then each distinct fit on the eigen-directions of the unit-diagonal Gram matrix above
-    a cut-off of :data:`EIGENVALUE_CUTOFFS` (smaller coefficients, a larger residual): one fit per row."""
+    a cut-off of ``EIGENVALUE_CUTOFFS`` (smaller coefficients, a larger residual): one fit per row."""
     fits = [np.linalg.lstsq(gram, products, rcond=None)[0]]
     scale = np.sqrt(np.diag(gram))
     values, vectors = np.linalg.eigh(gram / np.outer(scale, scale))  # ascending

@@ -82,7 +82,7 @@ HOST_ARRAYS = "host:"  # the host's own arrays in a state file
 
 @dataclass(frozen=True)
 class ResumedState:
-    """What :meth:`AveragingRun.resume` read for the host: the raw weights, and the host's own saved parts."""
+    """What :meth:`AveragingRun.resume() <modavg_plugin.AveragingRun.resume>` read for the host: the raw weights, and the host's own saved parts."""
 
     raw: Dict[str, mx.nd.NDArray]
     extras: Dict[str, Any]  # the JSON-ready values the host's ``state_extras`` gave
@@ -190,6 +190,7 @@ class AveragingRun:
         self.run_id: Optional[str] = uuid.uuid4().hex[:16]
         """Stamped on every file this run writes (a resumed run keeps the stopped one's; ``None``: unstamped, old)."""
         self.checkpoints = CheckpointLog(self.strategy, self.checkpoint_dir, run_id=self.run_id, file_stem=file_stem)
+        #: One dict per finished epoch: ``epoch_no``, the losses and metrics the host measured.
         self.history: List[Dict[str, Any]] = []
         self.num_updates = 0
         self.epochs_done = 0
@@ -257,7 +258,7 @@ class AveragingRun:
         Parameters
         ----------
         parameters
-            ``(name, Parameter)`` pairs (or :class:`DeviceArrays`), every one
+            ``(name, Parameter)`` pairs (or :class:`~modavg_plugin.parameters.DeviceArrays`), every one
             initialised: what is averaged, checkpointed and written back.
         write
             ``write(arrays)`` puts arrays by name into the network; ``None``:

@@ -1,6 +1,6 @@
 """The options of an :class:`~modavg_plugin.run.AveragingRun`, checked when it is built.
 
-Each check refuses a bad value with a :class:`ConfigurationError` naming it,
+Each check refuses a bad value with a :class:`~modavg_plugin.ConfigurationError` naming it,
 so a run fails before training starts, not at its first epoch's end.
 """
 
@@ -65,7 +65,7 @@ def _check_patterns(option: str, patterns: Any) -> None:
 
 
 def strategy_from_config(avg_strategy: StrategyConfig) -> Optional[AveragingStrategy]:
-    """An :class:`AveragingStrategy` from itself, a name, a dict, or GluonTS's own strategy object; ``None`` stays ``None``.
+    """An :class:`~modavg_plugin.AveragingStrategy` from itself, a name, a dict, or GluonTS's own strategy object; ``None`` stays ``None``.
 
     GluonTS's ``SelectNBestMean`` and ``SelectNBestSoftmax`` (from
     ``gluonts.mx.trainer.model_averaging``) become ours with the same

@@ -108,6 +108,7 @@ class PostHocSnapshots:
     ) -> None:
         self.sigma_rels = check_sigma_rels(sigma_rels)
         self.run_id = run_id
+        #: Where the snapshots are written.
         self.folder = os.fspath(folder)
         parameters = list(parameters)  # read once per average
         self.averages = [

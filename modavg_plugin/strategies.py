@@ -11,7 +11,7 @@ ranked as it is, however large or small (a score of ``1e308`` is a legal,
 very bad loss; with ``maximize=True`` it would rank first: the files are
 trusted to mean what they say). NaN, infinities, integers too large for a
 float, and values that are not numbers (strings, booleans, ``null``) are
-never selected; :meth:`AveragingStrategy.select_checkpoints` names such
+never selected; :meth:`~modavg_plugin.AveragingStrategy.select_checkpoints` names such
 records in one warning.
 
 ``"greedy"`` (:class:`GreedySoup`) also evaluates averages: it needs an
@@ -197,7 +197,7 @@ class AveragingStrategy(Registrable):
         return None
 
     def excluded_checkpoints(self, checkpoints: Sequence[Mapping[str, Any]]) -> List[Tuple[str, str]]:
-        """``(source, reason)`` of every checkpoint :meth:`rank_checkpoints` leaves out."""
+        """``(source, reason)`` of every checkpoint :meth:`~modavg_plugin.AveragingStrategy.rank_checkpoints` leaves out."""
         reasons = [(_source(record), self.exclusion_reason(record)) for record in checkpoints]
         return [(source, reason) for source, reason in reasons if reason is not None]
 
@@ -331,7 +331,7 @@ class GreedySoup(AveragingStrategy):
         tried, as dicts: ``path``; ``epoch_no`` (from the record, if any);
         ``score``, the evaluation of the soup's mean with the candidate (the
         first candidate alone), ``None`` for a file skipped unread; and
-        ``kept``. A report only: :meth:`average` does not read it.
+        ``kept``. A report only: :meth:`~modavg_plugin.AveragingStrategy.average` does not read it.
     """
 
     needs_evaluation = True
@@ -362,7 +362,7 @@ class GreedySoup(AveragingStrategy):
             No evaluation, one that is not callable, or one returning
             something other than a number.
         CheckpointError
-            No candidates (see :meth:`rank_checkpoints`), none readable with
+            No candidates (see :meth:`~modavg_plugin.AveragingStrategy.rank_checkpoints`), none readable with
             finite values, or candidates whose parameter names or shapes
             differ (naming the parameter and the files).
         """

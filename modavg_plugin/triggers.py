@@ -2,7 +2,7 @@
 
 A trigger sees one number per finished epoch (the validation loss, or the
 training loss without validation data) and says when the moving average
-should start (:meth:`MovingAverage.start_now`). Before that, the shadows
+should start (:meth:`~modavg_plugin.MovingAverage.start_now`). Before that, the shadows
 follow the weights. The rules are those of GluonTS's
 ``gluonts.mx.trainer.model_iteration_averaging`` (``NTA``, ``Alpha_Suffix``),
 with the same defaults, as registered names usable from the callback and

@@ -7,7 +7,7 @@ of files. Integer arrays are copied from the first source, not averaged.
 
 Every floating dtype MXNet writes is averaged: float16, float32, float64 and
 bfloat16 (MXNet's ``amp_cast`` writes it; NumPy has none, MXNet shows it as
-the record dtype :data:`~.params_files.BFLOAT16`). bfloat16 values are
+the record dtype :data:`~modavg_plugin.dtypes.BFLOAT16`). bfloat16 values are
 widened to float32 exactly, summed in float32, and the mean is rounded back
 to bfloat16 here, to nearest with ties to even, instead of by MXNet: its
 ``amp_cast`` rounds so only through MKLDNN (which also flushes subnormals to
@@ -58,7 +58,7 @@ ArrayLike = Union[mx.nd.NDArray, np.ndarray]
 
 
 def check_same_names(names: Iterable[str], source: str, expected: Iterable[str], expected_source: str) -> None:
-    """Raise :class:`CheckpointError` naming a key found in only one of two checkpoints."""
+    """Raise :class:`~modavg_plugin.CheckpointError` naming a key found in only one of two checkpoints."""
     missing, extra = sorted(set(expected) - set(names)), sorted(set(names) - set(expected))
     if not (missing or extra):
         return
@@ -117,7 +117,7 @@ def host_array(value: ArrayLike) -> np.ndarray:
 
 
 def _host_view(value: ArrayLike) -> np.ndarray:
-    """``value`` on the host as it is stored: zero-copy for CPU NDArrays, bfloat16 as :data:`BFLOAT16` records."""
+    """``value`` on the host as it is stored: zero-copy for CPU NDArrays, bfloat16 as :data:`~modavg_plugin.dtypes.BFLOAT16` records."""
     if isinstance(value, np.ndarray):
         return value
     if value.context.device_type == "cpu" and value.stype == "default":
@@ -176,10 +176,10 @@ class WeightedSum:
     ) -> None:
         """Add ``weight *`` a source given as ``name -> (dtype, shape)`` and its ``(name, start, values)`` pieces.
 
-        ``dtype`` is the source's own (bfloat16 as :data:`BFLOAT16`), while
+        ``dtype`` is the source's own (bfloat16 as :data:`~modavg_plugin.dtypes.BFLOAT16`), while
         the pieces of bfloat16 arrays come as float32. Keys, shapes and
         dtypes are checked against the first source before anything is
-        summed: :class:`CheckpointError` naming the array and both sources.
+        summed: :class:`~modavg_plugin.CheckpointError` naming the array and both sources.
         """
         first = not self._shapes
         if first:
@@ -374,8 +374,8 @@ class Unusable(CheckpointError):
 def add_checkpoint_file(total: WeightedSum, reader: ParamsFileReader, path: str, weight: float) -> None:
     """Add ``weight *`` the arrays of the ``.params`` file ``path``, chunk by chunk.
 
-    Raises :class:`Unusable` (a :class:`CheckpointError`) when the file
-    cannot be opened or loaded, :class:`CheckpointError` when it changes
+    Raises ``Unusable`` (a :class:`~modavg_plugin.CheckpointError`) when the file
+    cannot be opened or loaded, :class:`~modavg_plugin.CheckpointError` when it changes
     while being read, naming it either way.
     """
     try:

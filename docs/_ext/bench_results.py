@@ -1,16 +1,16 @@
-"""README block "bench-results": ``make bench``'s figures, from the committed ``bench/results.json``.
+"""``make bench``'s figures for the site's performance page, from the committed ``bench/results.json``.
 
-``make bench`` writes that file; ``python tools/readme_sections.py`` then
-copies its numbers here, so the README cannot quote numbers no run produced.
+``make bench`` writes that file; the ``{bench-results}`` directive turns it
+into Markdown at every build, so the site cannot quote numbers no run produced.
 """
 
 import json
 import pathlib
 from typing import Any, Dict, List
 
-__all__ = ["README_BLOCKS", "RESULTS_PATH", "bench_results"]
+__all__ = ["RESULTS_PATH", "bench_results"]
 
-RESULTS_PATH = pathlib.Path(__file__).resolve().parent.parent / "bench" / "results.json"
+RESULTS_PATH = pathlib.Path(__file__).resolve().parents[2] / "bench" / "results.json"
 UPDATE_METHODS = ("per-parameter loop", "gluonts iteration averaging")
 CHECKPOINT_METHODS = ("modavg_plugin (no write)", "modavg_plugin", "gluonts")
 
@@ -150,6 +150,3 @@ def checkpoint_table(averaging: Dict[str, Any]) -> List[str]:
 
 def _against(seconds: float, bare: float) -> str:
     return f"{seconds:.3f} s ({seconds / bare:.2f}x)"
-
-
-README_BLOCKS = {"bench-results": bench_results}

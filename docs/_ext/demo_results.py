@@ -1,16 +1,16 @@
-"""README block "demo-results": the forecasting demo's tables, from the committed ``demo-output/results.json``.
+"""The forecasting demo's tables for the site, from the committed ``demo-output/results.json``.
 
-``make demo`` writes that file; ``python tools/readme_sections.py`` then
-copies its numbers here, so the README cannot quote numbers no run produced.
+``make demo`` writes that file; the ``{demo-results}`` directive turns it
+into Markdown at every build, so the site cannot quote numbers no run produced.
 """
 
 import json
 import pathlib
 from typing import Any, Dict, List
 
-__all__ = ["README_BLOCKS", "RESULTS_PATH", "demo_results"]
+__all__ = ["RESULTS_PATH", "demo_results"]
 
-RESULTS_PATH = pathlib.Path(__file__).resolve().parent.parent / "demo-output" / "results.json"
+RESULTS_PATH = pathlib.Path(__file__).resolve().parents[2] / "demo-output" / "results.json"
 METRICS = (("MASE", "MASE", 3), ("sMAPE", "sMAPE", 4), ("mean_wQuantileLoss", "mean wQL", 4))
 BASELINE = "last iterate"
 WIN_COUNTS = ("seeds_with_lower_MASE", "seeds_no_worse_MASE")
@@ -62,6 +62,3 @@ def dataset_table(results: Dict[str, Any], dataset: str, by_method: Dict[str, An
         wins = ["", ""] if method == BASELINE else [f"{scores[key]} of {seeds}" for key in WIN_COUNTS]
         lines.append(f"| {method} | " + " | ".join([*cells, *wins]) + f" | {scores['train_seconds']['mean']:.1f} |")
     return lines
-
-
-README_BLOCKS = {"demo-results": demo_results}
