@@ -26,7 +26,8 @@ from .batchnorm import update_bn
 from .gluon import AveragedValidation, TrainingInputs, element_losses, network_parameters
 from .parameters import write_into_parameters
 from .registry import ConfigurationError, Registrable
-from .run import AveragingRun, RunViews
+from .run import AveragingRun
+from .run_views import RunViews
 from .strategies import AveragingStrategy
 
 __all__ = [
@@ -53,7 +54,7 @@ class AveragingCallback(RunViews, Registrable, ModelAveraging):
     given, else the training loss); at the end the network holds the final
     average, or the strategy's average of the kept checkpoints. One ``INFO``
     line per epoch on the ``modavg_plugin.run`` logger says what was
-    measured; :attr:`~modavg_plugin.run.RunViews.history` keeps the same numbers per epoch (``epoch_no``,
+    measured; :attr:`~modavg_plugin.run_views.RunViews.history` keeps the same numbers per epoch (``epoch_no``,
     ``training_loss``, and with validation data ``validation_loss``, of the
     weights validation ran with, and ``raw_validation_loss``).
     """
@@ -131,7 +132,7 @@ class AveragingCallback(RunViews, Registrable, ModelAveraging):
         return True
 
     def on_train_epoch_end(self, epoch_no: int, epoch_loss: float, **kwargs: Any) -> bool:
-        """Note the training loss for this epoch's :attr:`~modavg_plugin.run.RunViews.history` entry."""
+        """Note the training loss for this epoch's :attr:`~modavg_plugin.run_views.RunViews.history` entry."""
         self._training_inputs.detach()
         self._notes = {"training_loss": float(epoch_loss)}
         return True
@@ -221,7 +222,7 @@ class MovingAverageCallback(AveragingCallback):
     in, one forward pass at a time; each epoch's average is saved. At the end
     the network holds the final average, or with ``avg_strategy`` the
     strategy's average of the saved per-epoch averages. With validation data
-    and ``compare_raw``, each epoch's log line and :attr:`~modavg_plugin.run.RunViews.history` entry
+    and ``compare_raw``, each epoch's log line and :attr:`~modavg_plugin.run_views.RunViews.history` entry
     (``raw_validation_loss``) also give the raw weights' validation loss.
 
     Parameters
@@ -423,7 +424,7 @@ class AutoAveragingCallback(AveragingCallback):
     ``widths`` rebuilt from the snapshots, and the mean of the
     ``best_epochs`` best per-epoch EMAs, and ships the best, or a simpler one
     within one standard error of it (see :mod:`modavg_plugin.auto`). One log
-    line per candidate; :attr:`~modavg_plugin.run.RunViews.choice` holds the same. Without validation data
+    line per candidate; :attr:`~modavg_plugin.run_views.RunViews.choice` holds the same. Without validation data
     it ships the validated EMA and says so.
 
     Parameters

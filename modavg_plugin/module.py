@@ -32,7 +32,8 @@ from .module_host import (
     write_module_arrays,
 )
 from .registry import ConfigurationError
-from .run import AveragingRun, RunViews
+from .run import AveragingRun
+from .run_views import RunViews
 from .strategies import AveragingStrategy
 
 __all__ = ["ModuleAveraging", "broadcast_from_rank_zero", "module_arrays"]

@@ -32,9 +32,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Dict, Iterable, Iterator, List, Mapping, Optional, Tuple, Union
 
 import mxnet as mx
-import numpy as np
 
-from .auto import candidate_list, choose, evaluated_candidates
 from .averages import MovingAverage
 from .checkpoint_log import CheckpointLog
 from .checks import CheckpointError, check_integer, list_some
@@ -48,6 +46,7 @@ from .parameters import (
     write_into_parameters,
 )
 from .registry import ConfigurationError
+from .run_end import RunEnd
 from .run_options import (
     POSTHOC_FOLDER,
     AverageConfig,
@@ -58,10 +57,9 @@ from .run_options import (
     strategy_from_config,
 )
 from .snapshots import PostHocSnapshots, check_no_earlier_snapshots
-from .strategies import Evaluation
 from .triggers import AveragingTrigger, trigger_from_config
 
-__all__ = ["STATE_NAME", "AveragingRun", "ResumedState", "RunViews"]
+__all__ = ["STATE_NAME", "AveragingRun", "ResumedState"]
 
 logger = logging.getLogger(__name__)
 
@@ -90,7 +88,7 @@ class ResumedState:
     blobs: Dict[str, bytes]  # bytes kept by files of earlier versions (never written now)
 
 
-class AveragingRun:
+class AveragingRun(RunEnd):
     """The averaging of one training run: average, trigger, snapshots, checkpoints, resume state, final weights.
 
     Parameters
@@ -137,7 +135,7 @@ class AveragingRun:
     update_bn
         Recompute the BatchNorm running statistics of the final weights from
         this many training batches (PyTorch's ``update_bn``), an integer >= 1,
-        through the host's ``refresh_batchnorm`` given to :meth:`finish`;
+        through the host's ``refresh_batchnorm`` given to :meth:`~modavg_plugin.run_end.RunEnd.finish`;
         ``None``: keep them as averaged (or copied, see ``non_trainable``).
     """
 
@@ -520,141 +518,6 @@ class AveragingRun:
                 error,
             )
 
-    # The end ------------------------------------------------------------------
-
-    def finish(
-        self, measure: Optional[Callable[[], float]] = None, refresh_batchnorm: Optional[Callable[[int], int]] = None
-    ) -> None:
-        """Leave the final weights in the network: the strategy's average of the checkpoints, else the moving average.
-
-        ``measure()`` gives the validation loss (or score) of the network's
-        current weights; a strategy that evaluates candidates (``"greedy"``)
-        uses it, and without it keeps the best-ranked checkpoint alone (a
-        warning says so). If averaging the checkpoints fails, the error is
-        logged and the network keeps the moving average (or its raw
-        weights). With ``update_bn``, ``refresh_batchnorm(batches)`` then
-        recomputes the BatchNorm statistics of the final weights (e.g.
-        :func:`~modavg_plugin.batchnorm.update_bn`) and returns how many
-        batches it used. A temporary checkpoint folder is removed.
-        """
-        try:
-            if self._parameters is None:
-                return  # never started: nothing was trained
-            self.swap_raw()
-            if self.posthoc_snapshots is not None and self.writer:
-                self.posthoc_snapshots.save_new()
-            if self.auto is not None:
-                self._choose_automatically(measure)
-            else:
-                self._assign_final_weights(measure)
-            if self.update_bn is not None:
-                self._refresh_batchnorm(refresh_batchnorm)
-        finally:
-            self.checkpoints.close()
-
-    def _assign_final_weights(self, measure: Optional[Callable[[], float]]) -> None:
-        if self.strategy is not None and self.checkpoints.records:
-            if self.moving_average is None:
-                raw = {name: value.copy() for name, value in self.raw_weights().items()}
-                if not self._assign_checkpoint_average("its last raw weights", measure):
-                    self._write(raw)  # a write that failed part of the way through must not leave a mixture
-                return
-            if self._assign_checkpoint_average("the final moving average", measure):
-                return
-        if self.moving_average is not None:
-            self._write(self.moving_average.shadows)
-            logger.info("the network holds the moving average after %d updates", self.num_updates)
-
-    def _choose_automatically(self, measure: Optional[Callable[[], Any]]) -> None:
-        """``"auto"``: the candidates evaluated with ``measure``, the chosen one written (see :mod:`modavg_plugin.auto`)."""
-        validated = f"the power EMA of sigma_rel {self.auto.validated:g} (the average validated every epoch)"
-        if measure is None or not self.writer:
-            if measure is None:
-                logger.warning(
-                    "auto: no validation data, so no candidate can be compared: the network holds %s, not the last "
-                    "iterate, whose noise nothing measured; give validation data to let auto choose", validated,
-                )  # fmt: skip
-            self._write(self.moving_average.shadows)
-            return
-        try:
-            raw = {name: value.copy() for name, value in self.raw_weights().items()}
-            candidates = candidate_list(
-                self.auto, raw, self.posthoc_options["folder"], self.run_id, self.checkpoints.records
-            )
-            evaluated_candidates(candidates, self.evaluation(measure))
-            chosen = choose(candidates, self.auto.maximize)
-            self._write(candidates[chosen].build())
-        except Exception as error:  # broad on purpose: hours of training must not be lost here
-            logger.error("auto: choosing failed (%s); the network holds %s", error, validated)
-            self._write(self.moving_average.shadows)
-            return
-        self.choice = [candidate.report(index == chosen) for index, candidate in enumerate(candidates)]
-        best = candidates[chosen]
-        logger.info("auto: the network holds the %s (validation loss %.6g)", best.name, best.validation_loss)
-
-    def _refresh_batchnorm(self, refresh_batchnorm: Optional[Callable[[int], int]]) -> None:
-        if refresh_batchnorm is None:
-            logger.warning("update_bn is set, but this host gave no training batches: the BatchNorm statistics stay")
-            return
-        used = refresh_batchnorm(int(self.update_bn))
-        if used:
-            logger.info("the BatchNorm running statistics are recomputed for the final weights from %d batches", used)
-        else:
-            logger.warning("update_bn: no training batch to recompute the BatchNorm statistics from; they stay")
-
-    def abandon(self) -> None:
-        """After a failure: the raw weights back in the network; kept checkpoints stay, a temporary folder goes."""
-        try:
-            self.swap_raw()
-            kept = (
-                f"; its checkpoints stay in {self.checkpoint_dir}"
-                if self.checkpoint_dir and self.checkpoints.records
-                else ""
-            )
-            logger.warning("training failed: the network keeps its raw weights%s", kept)
-        finally:
-            self.checkpoints.close()
-
-    def evaluation(self, measure: Callable[[], float]) -> Evaluation:
-        """``evaluate(arrays)``: the arrays into the network, ``measure()``, the network's weights back (also on error)."""
-        kept = {name: value.copy() for name, value in self.raw_weights().items()}
-
-        def evaluate(arrays: Mapping[str, mx.nd.NDArray]) -> float:
-            self._write(arrays)
-            try:
-                return measure()
-            finally:
-                self._write(kept)
-
-        return evaluate
-
-    def _mean_evaluation(self, measure: Callable[[], Any]) -> Evaluation:
-        """:meth:`evaluation` as one number: the mean of what ``measure`` gives (a mean, or per-element losses)."""
-        evaluate = self.evaluation(measure)
-        return lambda arrays: float(np.mean(evaluate(arrays)))
-
-    def _assign_checkpoint_average(self, fallback: str, measure: Optional[Callable[[], float]]) -> bool:
-        """Write the strategy's average of the kept checkpoints; ``False``, with the reason logged, on failure."""
-        strategy, records = self.strategy, self.checkpoints.records
-        evaluate = None
-        if strategy.needs_evaluation and getattr(strategy, "evaluate", None) is None:
-            evaluate = self._mean_evaluation(measure) if measure is not None else None
-            if evaluate is None:
-                logger.warning(
-                    "avg_strategy %r needs validation data to evaluate candidates, and there is none: "
-                    "keeping the best-ranked checkpoint alone", strategy,
-                )  # fmt: skip
-                evaluate = lambda arrays: 0.0
-        try:
-            paths, weights = strategy.select_checkpoints(records, evaluate=evaluate)
-            self._write(strategy.average(paths, weights))
-        except Exception as error:  # broad on purpose: hours of training must not be lost here
-            logger.error("checkpoint averaging failed, the network keeps %s: %s", fallback, error)
-            return False
-        summary = ", ".join(f"{os.path.basename(path)}: {weight:.3f}" for path, weight in zip(paths, weights))
-        logger.info("the network holds the average of %d checkpoints (%s)", len(paths), summary)
-        return True
-
     # Helpers ------------------------------------------------------------------
 
     def _tracked(self) -> NamedParameters:
@@ -701,34 +564,3 @@ def _checked_state(state: Mapping[str, Any], path: str) -> Dict[str, Any]:
     if not isinstance(state.get("records", []), list):
         raise refuse("records", "a list")
     return checked
-
-
-class RunViews:
-    """What the adapters show of their :class:`AveragingRun` (``self.run``), read-only."""
-
-    run: AveragingRun
-
-    @property
-    def history(self) -> List[Dict[str, Any]]:
-        """One dict per epoch: ``epoch_no``, the losses or metrics measured, and with ``compare_raw`` the raw weights'."""
-        return self.run.history
-
-    @property
-    def moving_average(self) -> Optional[MovingAverage]:
-        """The moving average (``None`` before training starts, or without one)."""
-        return self.run.moving_average
-
-    @property
-    def posthoc_snapshots(self) -> Optional[PostHocSnapshots]:
-        """The post-hoc EMAs kept with ``posthoc`` (``None`` otherwise)."""
-        return self.run.posthoc_snapshots
-
-    @property
-    def choice(self) -> List[Dict[str, Any]]:
-        """With ``"auto"``, after training: each candidate's name, ``sigma_rel``, ``validation_loss``, and which was ``chosen``."""
-        return self.run.choice
-
-    @property
-    def num_updates(self) -> int:
-        """Optimiser updates so far, resumed ones included."""
-        return self.run.num_updates

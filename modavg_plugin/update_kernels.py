@@ -218,7 +218,10 @@ class CpuUpdateGroup(UpdateGroup):
 
     def __del__(self) -> None:
         if hasattr(self, "_slots") and np.any(self._slots[:, DONE_FIELD] != self._pushed):
-            mx.nd.waitall()  # queued updates still read this group's arguments
+            try:
+                mx.nd.waitall()  # queued updates still read this group's arguments
+            except Exception:  # at interpreter exit MXNet may be gone (engine_ops has waited by then)
+                pass
 
 
 class MultiTensorUpdateGroup(UpdateGroup):

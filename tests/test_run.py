@@ -479,7 +479,7 @@ def test_greedy_without_measure_warns_and_keeps_the_best_ranked_checkpoint(tmp_p
     run = AveragingRun(EMA, {"type": "greedy", "num_models": 3}, str(tmp_path))
     with caplog.at_level(logging.INFO, logger="modavg_plugin"):
         train(run, host)
-    warnings = messages(caplog, "modavg_plugin.run", logging.WARNING)
+    warnings = messages(caplog, "modavg_plugin.run_end", logging.WARNING)
     assert len(warnings) == 1 and "needs validation data" in warnings[0]
     host.assert_holds(as_float32(at_epoch_ends(ema_trajectory())[best_epochs(1)[0]]))
 
@@ -498,7 +498,7 @@ def test_a_failing_checkpoint_average_is_logged_and_leaves_the_final_moving_aver
     monkeypatch.setattr(run.strategy, "average", fail)
     with caplog.at_level(logging.INFO, logger="modavg_plugin"):
         train(run, host)
-    errors = messages(caplog, "modavg_plugin.run", logging.ERROR)
+    errors = messages(caplog, "modavg_plugin.run_end", logging.ERROR)
     assert len(errors) == 1
     assert "checkpoint averaging failed" in errors[0] and "disk on fire" in errors[0]
     assert "the final moving average" in errors[0]
@@ -523,7 +523,7 @@ def test_a_checkpoint_average_whose_write_stops_part_way_leaves_the_raw_weights(
     monkeypatch.setattr(run_module, "write_into_parameters", write_one_then_fail)
     with caplog.at_level(logging.INFO, logger="modavg_plugin"):
         train(run, host)
-    errors = messages(caplog, "modavg_plugin.run", logging.ERROR)
+    errors = messages(caplog, "modavg_plugin.run_end", logging.ERROR)
     assert len(errors) == 1 and "device lost" in errors[0] and "its last raw weights" in errors[0]
     host.assert_holds(raw_at(STEPS))
 
@@ -544,7 +544,7 @@ def test_abandon_after_swap_average_puts_the_raw_weights_back_and_removes_the_te
         run.abandon()
     host.assert_holds(f64(raw_at(2 * STEPS_PER_EPOCH)))
     assert not os.path.exists(folder)
-    assert any("training failed" in m for m in messages(caplog, "modavg_plugin.run", logging.WARNING))
+    assert any("training failed" in m for m in messages(caplog, "modavg_plugin.run_end", logging.WARNING))
 
 
 def test_finish_removes_a_temporary_folder():
